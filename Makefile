@@ -1,0 +1,47 @@
+# The two commands: `make app` and `make test`. Both create and reuse .venv.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST  := $(BIN)/python -m pytest
+DEMO    := demo/run
+
+.PHONY: app test test-slow test-browser test-all install demo-run bench lds-demo clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the app on the shipped demo run, bound to 127.0.0.1.
+app: $(STAMP)
+	$(BIN)/streamlit run app.py --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false
+
+## Default test tier (fast; no slow or browser tests).
+test: $(STAMP)
+	$(PYTEST) -q
+
+test-slow: $(STAMP)
+	$(PYTEST) -q -m slow
+
+test-browser: $(STAMP)
+	$(BIN)/python -m playwright --version >/dev/null
+	$(PYTEST) -q -m browser
+
+test-all: test test-slow test-browser
+
+## Rebuild the shipped demo run (about 10 minutes on 2 CPU cores).
+demo-run: $(STAMP)
+	$(BIN)/attribution train --dataset mnist5k --limit 1000 --resolution 16 --preset tiny \
+	    --steps 4000 --seed 0 --out $(DEMO)
+	$(BIN)/attribution sample --run $(DEMO) -n 16 --seed 0 --trajectory --name queries
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)
