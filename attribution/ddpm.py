@@ -69,6 +69,15 @@ def q_sample(schedule: Schedule, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
 
 # Each preset is a diffusers UNet2DModel configuration (image size and channels come from data).
 PRESETS: dict[str, dict] = {
+    # For tests only: ~11K parameters at 8x8, small enough for dense exact-GGN references.
+    "micro": dict(
+        block_out_channels=(4, 8),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=2,
+        attention_head_dim=4,
+    ),
     # The embedded default: ~0.18M parameters, trains on 2 CPU cores in minutes at 16x16.
     "tiny": dict(
         block_out_channels=(16, 32),
