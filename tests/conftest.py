@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# One thread per test process: several processes share this 2-core machine, and OpenMP
+# oversubscription slows everything down tenfold. Tests are small; one thread suffices.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_partial_train.npz"
 
