@@ -1,0 +1,186 @@
+"""Per-example gradients of MC-averaged measurements over the K-FAC-covered parameters.
+
+``per_example_gradients`` evaluates all draws of a group of examples as ONE batch and recovers
+each example's gradient from the layer inputs and output-gradients of every Linear / Conv2d
+module (grad W_b = sum over the example's draws and positions of g a^T). Why hand-written rather
+than ``torch.func.vmap(grad(...))``: it needs one forward and one backward per batch of
+B examples x K draws, with no per-row weight gradients materialised; vmap over diffusers'
+U-Net re-runs the network per example (see bench/results/influence_cpu.md for the comparison).
+``reference_per_example_gradients`` is the plain autograd loop the tests compare against.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attribution.ddpm import Schedule
+from attribution.errors import UserError
+from attribution.measurements import (
+    Measurement,
+    _check_images,
+    draw_plan,
+    example_groups,
+    plan_rows_terms,
+)
+
+ROWS_PER_BATCH = 256  # network evaluations per forward pass
+
+
+def kfac_modules(unet) -> list[torch.nn.Module]:
+    """The Linear and Conv2d modules of ``unet`` in ``named_modules`` order."""
+    return [m for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def kfac_parameters(unet) -> list[torch.nn.Parameter]:
+    """Weights and biases of the Linear / Conv2d modules (what K-FAC covers), in a fixed order:
+    module order of ``named_modules``, weight before bias."""
+    params = []
+    for mod in kfac_modules(unet):
+        params.append(mod.weight)
+        if mod.bias is not None:
+            params.append(mod.bias)
+    return params
+
+
+def num_parameters(params: Sequence[torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+class _PerExampleGrads:
+    """Forward hooks that record (input, output) of each hooked module for one forward pass."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.records: list[tuple[torch.nn.Module, Tensor, Tensor]] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, mod, inputs, output):
+        self.records.append((mod, inputs[0].detach(), output))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def grads(self, total: Tensor, B: int) -> dict[int, dict[str, Tensor]]:
+        """Per-example weight/bias gradients ``{id(param): [B, *param.shape]}`` of ``total``,
+        whose rows are grouped as B equal consecutive blocks."""
+        outs = [o for _, _, o in self.records]
+        gouts = torch.autograd.grad(total, outs, allow_unused=True)
+        res: dict[int, Tensor] = {}
+        for (mod, a, _), g in zip(self.records, gouts):
+            if g is None:
+                continue
+            if isinstance(mod, torch.nn.Linear):
+                a3 = a.reshape(B, -1, a.shape[-1])
+                g3 = g.reshape(B, -1, g.shape[-1])
+                gw = torch.einsum("bso,bsi->boi", g3, a3)
+                gb = g3.sum(1)
+            else:
+                if mod.groups != 1:
+                    raise UserError("grouped convolutions are not supported by per-example gradients")
+                unf = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+                # unf [R, Cin*kh*kw, L] -> [B, K, Cin*kh*kw, L]; g [R, Cout, Ho, Wo] -> [B, K, Cout, L]
+                unf = unf.reshape(B, -1, unf.shape[1], unf.shape[2])
+                g4 = g.reshape(B, -1, g.shape[1], g.shape[2] * g.shape[3])
+                gw = torch.einsum("bkol,bkil->boi", g4, unf).reshape(B, *mod.weight.shape)
+                gb = g4.sum((1, 3))
+            for p, v in ((mod.weight, gw), (mod.bias, gb)):
+                if p is None:
+                    continue
+                key = id(p)
+                res[key] = res[key] + v if key in res else v  # a module called twice accumulates
+        self.records = []
+        return res
+
+
+def _resolve_params(unet, params) -> tuple[list[torch.nn.Parameter], list[torch.nn.Module]]:
+    allp = kfac_parameters(unet)
+    if params is None:
+        return allp, kfac_modules(unet)
+    ids = {id(p) for p in allp}
+    params = list(params)
+    if any(id(p) not in ids for p in params):
+        raise UserError("per-example gradients cover only Linear / Conv2d weights and biases")
+    wanted = {id(p) for p in params}
+    mods = [m for m in kfac_modules(unet) if id(m.weight) in wanted or (m.bias is not None and id(m.bias) in wanted)]
+    return params, mods
+
+
+def per_example_gradients(
+    unet,
+    schedule: Schedule,
+    images: Tensor,
+    m: Measurement,
+    num_draws: int,
+    seed: int,
+    trajectory: Optional[Tensor] = None,
+    timesteps: Optional[Sequence[int]] = None,
+    params=None,
+    offset: int = 0,
+    rows_per_batch: int = ROWS_PER_BATCH,
+) -> Tensor:
+    """Gradient of each example's MC-averaged measurement: ``[B, P]`` in the model's dtype
+    (float32 for a float32 model), P = total size of ``params`` (default :func:`kfac_parameters`),
+    concatenated in ``params`` order.
+
+    Draws as in :func:`attribution.measurements.measurement_values` (same seed = same draws, so
+    ``grad measurement_values`` is exactly what is returned). ``timesteps``: D-TRAK's fixed
+    timesteps, each used equally often (num_draws must be a multiple of their count).
+    """
+    _check_images(images, unet)
+    params, mods = _resolve_params(unet, params)
+    dtype = params[0].dtype
+    sizes = [p.numel() for p in params]
+    B_all = images.shape[0]
+    out = torch.empty(B_all, sum(sizes), dtype=dtype)
+    K = min(num_draws, schedule.T) if m.name == "trajectory" else num_draws
+    was_training = unet.training
+    unet.eval()
+    hooks = _PerExampleGrads(mods)
+    try:
+        for group in example_groups(B_all, K, rows_per_batch):
+            plan = draw_plan(schedule, images, m, num_draws, seed, group, trajectory, timesteps, offset)
+            R = plan.x_in.shape[0]
+            if len(group) > 1 or R <= rows_per_batch:
+                chunks = [(slice(0, R), len(group))]
+            else:  # one example with more draws than a batch: split its rows, accumulate
+                chunks = [(slice(s, min(R, s + rows_per_batch)), 1) for s in range(0, R, rows_per_batch)]
+            acc: dict[int, Tensor] = {}
+            for rows, B in chunks:
+                with torch.enable_grad():
+                    total = plan_rows_terms(unet, schedule, plan, rows).sum()
+                    got = hooks.grads(total, B)
+                for k, v in got.items():
+                    acc[k] = acc[k] + v if k in acc else v
+            flat = [acc[id(p)].reshape(len(group), -1) if id(p) in acc
+                    else torch.zeros(len(group), p.numel(), dtype=dtype) for p in params]
+            out[group[0]:group[-1] + 1] = torch.cat(flat, dim=1).to(dtype).cpu()
+    finally:
+        hooks.remove()
+        unet.train(was_training)
+    return out
+
+
+def reference_per_example_gradients(
+    unet, schedule: Schedule, images: Tensor, m: Measurement, num_draws: int, seed: int,
+    trajectory: Optional[Tensor] = None, timesteps: Optional[Sequence[int]] = None, params=None,
+    offset: int = 0,
+) -> Tensor:
+    """Plain autograd, one example at a time (slow; the reference for tests and benchmarks)."""
+    params, _ = _resolve_params(unet, params)
+    was_training = unet.training
+    unet.eval()
+    rows = []
+    try:
+        for i in range(images.shape[0]):
+            plan = draw_plan(schedule, images, m, num_draws, seed, [i], trajectory, timesteps, offset)
+            total = plan_rows_terms(unet, schedule, plan, slice(0, plan.x_in.shape[0])).sum()
+            gs = torch.autograd.grad(total, params, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                   for g, p in zip(gs, params)]))
+    finally:
+        unet.train(was_training)
+    return torch.stack(rows).detach()
