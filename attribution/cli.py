@@ -55,9 +55,12 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       ema_decay=args.ema_decay, hflip=args.hflip, seed=args.seed,
                       checkpoint_every=args.checkpoint_every)
-    bar = tqdm(total=cfg.steps, desc="train", unit="step")
+    bars = []
 
     def progress(step, total, loss):
+        if not bars:  # created lazily, so an input error prints one clean line
+            bars.append(tqdm(total=total, initial=step - 1, desc="train", unit="step"))
+        bar = bars[0]
         bar.n = step
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar.refresh()
@@ -68,7 +71,8 @@ def cmd_train(args) -> int:
         print(f"\ninterrupted; the last checkpoint is kept. Re-run the same command to resume.", file=sys.stderr)
         return 130
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     print(f"trained model in {run.model_dir}")
     return 0
 

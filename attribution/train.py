@@ -39,6 +39,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        from attribution.ddpm import PRESETS
+
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown model preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
 
