@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attribution.ddpm import Schedule
@@ -50,6 +49,25 @@ def num_parameters(params: Sequence[torch.nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
 
 
+def _conv_per_example_weight_grads(mod: torch.nn.Conv2d, a: Tensor, g: Tensor, B: int) -> Tensor:
+    """Per-example Conv2d weight gradients ``[B, *weight.shape]`` from inputs ``a`` [R, Cin, H, W]
+    and output-gradients ``g`` [R, Cout, Ho, Wo], rows grouped as B equal consecutive blocks.
+
+    One backend weight-gradient kernel per example: measured ~10x faster on CPU than unfold +
+    einsum (im2col copies dominate) and ~2x faster than one grouped convolution over examples.
+    """
+    if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+        raise UserError(f"per-example gradients support zero-padded convolutions only, not {mod}")
+    k = a.shape[0] // B
+    out = []
+    for b in range(B):
+        rows = slice(b * k, (b + 1) * k)
+        out.append(torch.ops.aten.convolution_backward(
+            g[rows], a[rows], mod.weight, None, list(mod.stride), list(mod.padding), list(mod.dilation),
+            False, [0, 0], mod.groups, [False, True, False])[1])
+    return torch.stack(out)
+
+
 class _PerExampleGrads:
     """Forward hooks that record (input, output) of each hooked module for one forward pass."""
 
@@ -79,14 +97,8 @@ class _PerExampleGrads:
                 gw = torch.einsum("bso,bsi->boi", g3, a3)
                 gb = g3.sum(1)
             else:
-                if mod.groups != 1:
-                    raise UserError("grouped convolutions are not supported by per-example gradients")
-                unf = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-                # unf [R, Cin*kh*kw, L] -> [B, K, Cin*kh*kw, L]; g [R, Cout, Ho, Wo] -> [B, K, Cout, L]
-                unf = unf.reshape(B, -1, unf.shape[1], unf.shape[2])
-                g4 = g.reshape(B, -1, g.shape[1], g.shape[2] * g.shape[3])
-                gw = torch.einsum("bkol,bkil->boi", g4, unf).reshape(B, *mod.weight.shape)
-                gb = g4.sum((1, 3))
+                gw = _conv_per_example_weight_grads(mod, a, g, B)
+                gb = g.reshape(B, -1, *g.shape[1:]).sum((1, 3, 4))
             for p, v in ((mod.weight, gw), (mod.bias, gb)):
                 if p is None:
                     continue
