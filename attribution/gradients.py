@@ -11,13 +11,16 @@ U-Net re-runs the network per example (see bench/results/influence_cpu.md for th
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from attribution.ddpm import Schedule
 from attribution.errors import UserError
+from attribution.runs import read_json, write_json
 from attribution.measurements import (
     Measurement,
     _check_images,
@@ -131,7 +134,7 @@ def per_example_gradients(
     trajectory: Optional[Tensor] = None,
     timesteps: Optional[Sequence[int]] = None,
     params=None,
-    offset: int = 0,
+    offset=0,
     rows_per_batch: int = ROWS_PER_BATCH,
 ) -> Tensor:
     """Gradient of each example's MC-averaged measurement: ``[B, P]`` in the model's dtype
@@ -196,3 +199,132 @@ def reference_per_example_gradients(
     finally:
         unet.train(was_training)
     return torch.stack(rows).detach()
+
+
+# ----------------------------------------------------------------------------- gradient store
+
+STORE_DTYPES = ("float16", "int8")
+
+
+def quantize_rows(x: Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``x`` ``[n, P]`` as ``(values [n, P] float16|int8, scales [n] float32)`` with
+    ``x ~= values * scales[:, None]`` (per-row absmax scaling; float16 keeps range safe too)."""
+    x = x.detach().float()
+    amax = x.abs().amax(dim=1).clamp_min(1e-30)
+    if dtype == "int8":
+        scale = amax / 127.0
+        q = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    elif dtype == "float16":
+        scale = amax
+        q = (x / scale[:, None]).to(torch.float16)
+    else:
+        raise UserError(f"unknown gradient store dtype {dtype!r}; choose {' or '.join(STORE_DTYPES)}")
+    return q.numpy(), scale.numpy().astype(np.float32)
+
+
+def dequantize_rows(values: np.ndarray, scales: np.ndarray) -> Tensor:
+    """float32 ``[n, P]`` from stored rows and their scales."""
+    return torch.from_numpy(np.array(values)).float().mul_(torch.from_numpy(np.array(scales))[:, None])
+
+
+class GradientStore:
+    """Per-example gradients on disk: ``grads.npy`` ``[N, P]`` (float16 or int8, memory-mapped),
+    ``scales.npy`` ``[N]`` float32, ``progress.json`` (rows done). Read-only view."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        meta = read_json(self.dir / "store.json")
+        self.n, self.p, self.dtype = int(meta["n"]), int(meta["p"]), meta["dtype"]
+        self.meta = meta
+        self.values = np.load(self.dir / "grads.npy", mmap_mode="r")
+        self.scales = np.load(self.dir / "scales.npy", mmap_mode="r")
+
+    @property
+    def rows_done(self) -> int:
+        return int(read_json(self.dir / "progress.json")["rows_done"])
+
+    @property
+    def complete(self) -> bool:
+        return self.rows_done >= self.n
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Dequantised float32 rows ``[stop - start, P]``."""
+        return dequantize_rows(self.values[start:stop], self.scales[start:stop])
+
+    def score(self, queries: Tensor, chunk_rows: int = 128) -> Tensor:
+        """``queries [Q, P] @ G^T``: ``[Q, N]`` in the queries' float dtype (float32 or float64)."""
+        if not self.complete:
+            raise UserError(f"gradient store {self.dir} is incomplete; rebuild it to resume")
+        dtype = queries.dtype if queries.dtype in (torch.float32, torch.float64) else torch.float32
+        q = queries.to(dtype)
+        out = torch.empty(q.shape[0], self.n, dtype=dtype)
+        for start in range(0, self.n, chunk_rows):
+            stop = min(self.n, start + chunk_rows)
+            vals = torch.from_numpy(np.array(self.values[start:stop])).to(dtype)
+            out[:, start:stop] = (q @ vals.T) * torch.from_numpy(np.array(self.scales[start:stop])).to(dtype)
+        return out
+
+
+def store_nbytes(n: int, p: int, dtype: str) -> int:
+    return n * p * (2 if dtype == "float16" else 1) + 4 * n
+
+
+def build_gradient_store(
+    directory: Path,
+    unet,
+    schedule: Schedule,
+    images: Tensor,
+    m: Measurement,
+    num_draws: int,
+    seed: int,
+    dtype: str = "float16",
+    timesteps: Optional[Sequence[int]] = None,
+    chunk_size: int = 64,
+    progress: Optional[Callable[[int, int, str], None]] = None,
+    rows_per_batch: int = ROWS_PER_BATCH,
+) -> GradientStore:
+    """Build (or resume) the store of ``images``' per-example gradients in ``directory``.
+
+    Chunks of ``chunk_size`` examples are written into the memory map, flushed, and only then
+    recorded in ``progress.json`` (atomic write): an interrupted build resumes at the first
+    chunk not recorded. ``progress(done_rows, total_rows, "gradient store")``.
+    """
+    if dtype not in STORE_DTYPES:
+        raise UserError(f"unknown gradient store dtype {dtype!r}; choose {' or '.join(STORE_DTYPES)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n = int(images.shape[0])
+    p = num_parameters(kfac_parameters(unet))
+    meta = {"n": n, "p": p, "dtype": dtype, "measurement": str(m), "draws": num_draws, "seed": seed,
+            "timesteps": list(timesteps) if timesteps is not None else None}
+    if (directory / "store.json").exists() and read_json(directory / "store.json") != meta:
+        raise UserError(f"gradient store {directory} was built with other settings; delete it and rebuild")
+    npdtype = np.float16 if dtype == "float16" else np.int8
+    if not (directory / "progress.json").exists():
+        np.lib.format.open_memmap(directory / "grads.npy", mode="w+", dtype=npdtype, shape=(n, p)).flush()
+        np.lib.format.open_memmap(directory / "scales.npy", mode="w+", dtype=np.float32, shape=(n,)).flush()
+        write_json(directory / "store.json", meta)
+        write_json(directory / "progress.json", {"rows_done": 0})
+    done = int(read_json(directory / "progress.json")["rows_done"])
+    stage = f"gradient store ({m}, {num_draws} draws)"
+    if progress is not None:
+        progress(done, n, stage)
+    if done < n:
+        values = np.load(directory / "grads.npy", mmap_mode="r+")
+        scales = np.load(directory / "scales.npy", mmap_mode="r+")
+        for start in range(done, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            g = per_example_gradients(unet, schedule, images[start:stop], m, num_draws, seed,
+                                      timesteps=timesteps, offset=start, rows_per_batch=rows_per_batch)
+            if not torch.isfinite(g).all():
+                raise UserError(f"non-finite training gradients in rows {start}..{stop - 1}; check the model")
+            q, s = quantize_rows(g, dtype)
+            values[start:stop] = q
+            scales[start:stop] = s
+            values.flush()
+            scales.flush()
+            write_json(directory / "progress.json", {"rows_done": stop})
+            if progress is not None:
+                progress(stop, n, stage)
+        del values, scales
+    return GradientStore(directory)

@@ -26,7 +26,8 @@ transition of the trajectory density.
 
 Common random numbers: the (t, eps) draws of example i depend only on (seed, i), never on the
 model, the batch size or the chunking; the same seed gives the same draws for every model
-(needed for LDS ground truth). ``offset`` shifts i for callers that pass a slice of a dataset.
+(needed for LDS ground truth). ``offset`` shifts i for callers that pass a slice of a dataset (an int), or gives each
+image's global index (a sequence).
 """
 
 from __future__ import annotations
@@ -151,6 +152,12 @@ def gaussian_nll(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- draw plans
 
 
+def example_key(offset, position: int) -> int:
+    """Global draw key of the example at ``position``: ``offset + position`` for an int offset,
+    ``offset[position]`` for a sequence of global indices."""
+    return int(offset) + position if isinstance(offset, (int, np.integer)) else int(offset[position])
+
+
 def example_generator(seed: int, index: int) -> torch.Generator:
     """The generator of example ``index``'s draws: a function of (seed, index) only."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, dtype=np.uint32)
@@ -213,9 +220,9 @@ def draw_plan(
     indices: Sequence[int],
     trajectory: Optional[Tensor] = None,
     timesteps: Optional[Sequence[int]] = None,
-    offset: int = 0,
+    offset=0,
 ) -> DrawPlan:
-    """The rows for ``images[indices]`` (their draws keyed by ``offset + index``)."""
+    """The rows for ``images[indices]`` (their draws keyed by :func:`example_key`)."""
     if num_draws < 1:
         raise UserError(f"the number of MC draws must be >= 1, got {num_draws}")
     T = schedule.T
@@ -233,7 +240,7 @@ def draw_plan(
         var = transition_variance(schedule)
         xs, ts, tg, cf, const = [], [], [], [], []
         for i in idx:
-            g = example_generator(seed, offset + i)
+            g = example_generator(seed, example_key(offset, i))
             s = torch.arange(T) if K == T else torch.randperm(T, generator=g)[:K].sort().values
             xs.append(trajectory[s, i])
             tg.append(trajectory[s + 1, i])
@@ -246,7 +253,7 @@ def draw_plan(
     K = num_draws
     xs, ts, tg, cf = [], [], [], []
     for b, i in enumerate(idx):
-        g = example_generator(seed, offset + i)
+        g = example_generator(seed, example_key(offset, i))
         t, c = _draw_timesteps(m, schedule, K, g, timesteps)
         eps = torch.randn((K, *shape), generator=g, dtype=torch.float64)
         x_t = q_sample(schedule, x0[b:b + 1].expand(K, *shape), t, eps)
@@ -321,7 +328,7 @@ def measurement_values(
     trajectory: Optional[Tensor] = None,
     batch_size: int = 256,
     timesteps: Optional[Sequence[int]] = None,
-    offset: int = 0,
+    offset=0,
 ) -> Tensor:
     """MC estimate of m(theta, x) for each image: ``[B]`` float64 (common random numbers by seed).
 
