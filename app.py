@@ -1,0 +1,27 @@
+"""Streamlit entry point: page config, the run picker (sidebar) and the page navigation.
+
+Environment: ``ATTRIBUTION_RUN`` pins a run directory at the top of the picker; ``ATTRIBUTION_RUNS``
+is the folder of runs (default ``./runs``); the shipped demo run ``demo/run`` comes first otherwise.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import streamlit as st  # noqa: E402
+
+from pages._common import run_picker  # noqa: E402
+
+st.set_page_config(page_title="Diffusion data attribution", page_icon="🔎", layout="wide")
+run_picker()
+st.navigation([
+    st.Page("pages/model_data.py", title="Model & data", icon="🗂️", default=True, url_path="model"),
+    st.Page("pages/sample.py", title="Sample", icon="🎲", url_path="sample"),
+    st.Page("pages/attribute.py", title="Attribute", icon="🔎", url_path="attribute"),
+    st.Page("pages/compare.py", title="Compare", icon="⚖️", url_path="compare"),
+    st.Page("pages/lds.py", title="LDS diagnostics", icon="📈", url_path="lds"),
+]).run()
