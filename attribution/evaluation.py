@@ -41,6 +41,7 @@ from attribution.runs import Run, config_hash, load_tensors, read_json, save_ten
 DEFAULT_LT_GRID = (0, 49, 99, 199, 499, 799)  # 0-indexed timesteps (paper's t = 1, 50, 100, 200, 500, 800)
 DEFAULT_MEASUREMENTS = ("loss", "elbo", "elbo-simple", "trajectory") + tuple(f"lt:{t}" for t in DEFAULT_LT_GRID)
 
+RETRAIN_CHECKPOINT_EVERY = 50  # steps between checkpoints of a retrained model (cheap: tiny models)
 ProgressFn = Callable[[int, int, str], None]  # (done, total, stage)
 # measure_fn(unet, schedule, images [Q,C,H,W], measurement text, num_draws, seed, trajectory) -> [Q] float64
 MeasureFn = Callable[..., Tensor]
@@ -72,6 +73,7 @@ class LDSJob:
     alpha: float = 0.5
     subset_seed: int = 0
     steps: Optional[int] = None  # None: round(alpha * the run's steps) (paper's rule)
+    warmup_steps: Optional[int] = None  # None: the run's learning-rate warm-up
     query_set: str = "queries"
     measurements: tuple[str, ...] = DEFAULT_MEASUREMENTS
     num_draws: int = 1000  # MC draws per query and measurement (paper: 5000)
@@ -102,9 +104,15 @@ def train_indices(run: Run) -> list[int]:
 
 
 def job_args(run: Run, job: LDSJob) -> dict:
-    """What determines the retrained models (the job key hashes this)."""
-    return {"model": run.model_fingerprint(), "train": run.config["train"], "alpha": job.alpha,
-            "subset_seed": job.subset_seed, "steps": retrain_steps(run, job),
+    """What determines the retrained models (the job key hashes this).
+
+    The full model's weights are not part of it: retrained models depend only on the data, the
+    recipe and the subsets, so retraining can start while the full model is still training.
+    """
+    cfg = run.config
+    return {"dataset": cfg["dataset"], "run_subset": cfg.get("subset"), "train": cfg["train"],
+            "alpha": job.alpha, "subset_seed": job.subset_seed, "steps": retrain_steps(run, job),
+            "warmup_steps": job.warmup_steps if job.warmup_steps is not None else cfg["train"]["warmup_steps"],
             "steps_rule": "explicit" if job.steps is not None else "alpha * run steps"}
 
 
@@ -121,8 +129,19 @@ def unit_seed(m: int, r: int) -> int:
     return 10_000 * (r + 1) + m
 
 
-def measurement_key(job: LDSJob, text: str) -> str:
-    return f"{text.replace(':', '-')}_d{job.num_draws}_s{job.measure_seed}_{job.query_set}"
+def measurement_key(job: LDSJob, text: str, queries_digest: str) -> str:
+    """File stem of one measurement: measurement, MC draws, draw seed, query set and its digest."""
+    return f"{text.replace(':', '-')}_d{job.num_draws}_s{job.measure_seed}_{job.query_set}_{queries_digest}"
+
+
+def queries_digest(run: Run, job: LDSJob) -> str:
+    """Short digest of the query sample file (a redrawn query set gets new measurements)."""
+    from attribution.runs import file_digest
+
+    path = run.path / "samples" / f"{job.query_set}.safetensors"
+    if not path.exists():
+        run.load_samples(job.query_set)  # raises the usual "no sample set" error
+    return file_digest(path, 8)
 
 
 def subset_masks(run: Run, job: LDSJob) -> Tensor:
@@ -201,7 +220,7 @@ def _fit_subset(out: Path, spec_dict: dict, cfg, subset: list[int], progress, sh
 
 def _retrain(run: Run, out: Path, indices: Sequence[int], steps: int, seed: int,
              progress: Optional[Callable[[int, int, float], None]], should_stop, device,
-             train_fn=None) -> bool:
+             train_fn=None, warmup_steps: Optional[int] = None) -> bool:
     """Train one model on ``indices`` (positions in the run's training set). True when finished.
 
     ``train_fn(out, spec_dict, cfg, subset, progress, should_stop, device)`` defaults to
@@ -213,7 +232,9 @@ def _retrain(run: Run, out: Path, indices: Sequence[int], steps: int, seed: int,
         return True
     base = train_indices(run)
     cfg = replace(TrainConfig(**run.config["train"]), steps=steps, seed=seed,
-                  checkpoint_every=min(run.config["train"].get("checkpoint_every", 250), steps))
+                  checkpoint_every=min(RETRAIN_CHECKPOINT_EVERY, steps))
+    if warmup_steps is not None:
+        cfg = replace(cfg, warmup_steps=warmup_steps)
     (train_fn or _fit_subset)(out, run.config["dataset"], cfg, sorted(base[i] for i in indices),
                               progress, should_stop, device)
     done = Run(out).has_model()
@@ -222,12 +243,12 @@ def _retrain(run: Run, out: Path, indices: Sequence[int], steps: int, seed: int,
     return done
 
 
-def _measure_dir(path: Path, unet, run: Run, job: LDSJob, queries: dict, measure_fn: MeasureFn,
+def _measure_dir(path: Path, unet, run: Run, job: LDSJob, queries: dict, qd: str, measure_fn: MeasureFn,
                  on_done: Callable[[], None], should_stop) -> bool:
     """Measure every missing measurement of one model into ``path/measurements``. False if stopped."""
     schedule = run.schedule()
     for text in job.measurements:
-        out = path / "measurements" / f"{measurement_key(job, text)}.safetensors"
+        out = path / "measurements" / f"{measurement_key(job, text, qd)}.safetensors"
         if out.exists():
             continue
         if should_stop is not None and should_stop():
@@ -281,7 +302,7 @@ def run_lds_job(
         for m, r in todo:
             step_cb = lambda s, _t, _l, base=finished: rec(base + s, total, "train")  # noqa: E731
             ok = _retrain(run, unit_dir(run, job, m, r), torch.nonzero(masks[m]).flatten().tolist(),
-                          steps, unit_seed(m, r), step_cb, should_stop, device, train_fn)
+                          steps, unit_seed(m, r), step_cb, should_stop, device, train_fn, job.warmup_steps)
             if not ok:
                 return False
             finished += steps
@@ -289,6 +310,7 @@ def run_lds_job(
 
     if "measure" in stages:
         queries, _ = run.load_samples(job.query_set)
+        qd = queries_digest(run, job)
         if any(t == "trajectory" for t in job.measurements) and "trajectory" not in queries:
             raise UserError(f"sample set {job.query_set!r} has no trajectories; redraw it with --trajectory")
         targets = [(unit_dir(run, job, m, r), None) for m, r in mine]
@@ -300,7 +322,7 @@ def run_lds_job(
             raise UserError(f"{len(missing)} retrained models are missing (e.g. {missing[0]}); run the train stage first")
         total = len(targets) * len(job.measurements)
         count = [sum(1 for p, _ in targets for t in job.measurements
-                     if (p / "measurements" / f"{measurement_key(job, t)}.safetensors").exists())]
+                     if (p / "measurements" / f"{measurement_key(job, t, qd)}.safetensors").exists())]
         rec(count[0], total, "measure", force=True)
 
         def bump():
@@ -309,11 +331,11 @@ def run_lds_job(
 
         fn = measure_fn or _default_measure
         for path, model_dir in targets:
-            if all((path / "measurements" / f"{measurement_key(job, t)}.safetensors").exists()
+            if all((path / "measurements" / f"{measurement_key(job, t, qd)}.safetensors").exists()
                    for t in job.measurements):
                 continue
             unet = (run if model_dir is not None else Run(path)).load_unet(device)
-            if not _measure_dir(path, unet, run, job, queries, fn, bump, should_stop):
+            if not _measure_dir(path, unet, run, job, queries, qd, fn, bump, should_stop):
                 return False
         rec(count[0], total, "measure", force=True)
     return True
@@ -333,9 +355,10 @@ def collect_ground_truth(run: Run, job: LDSJob, save: bool = True) -> dict[str, 
     """
     jd = job_dir(run, job)
     masks = subset_masks(run, job)
+    qd = queries_digest(run, job)
     out = {}
     for text in job.measurements:
-        name = f"{measurement_key(job, text)}.safetensors"
+        name = f"{measurement_key(job, text, qd)}.safetensors"
         grid = []
         for r in range(job.num_seeds):
             row = []
@@ -347,7 +370,7 @@ def collect_ground_truth(run: Run, job: LDSJob, save: bool = True) -> dict[str, 
             grid.append(torch.stack(row))
         base_path = jd / "full_model" / "measurements" / name
         base = load_tensors(base_path)[0]["values"] if base_path.exists() else None
-        meta = {**job_args(run, job), "measurement": text, "num_draws": job.num_draws,
+        meta = {**job_args(run, job), "model": run.model_fingerprint(), "queries_digest": qd, "measurement": text, "num_draws": job.num_draws,
                 "measure_seed": job.measure_seed, "query_set": job.query_set,
                 "num_subsets": job.num_subsets, "num_seeds": job.num_seeds}
         gt = GroundTruth(text, masks, torch.stack(grid), base, meta)
@@ -401,6 +424,7 @@ class CounterfactualJob:
     k: int
     num_seeds: int = 1
     steps: Optional[int] = None  # None: the run's own steps (same procedure as the full model)
+    warmup_steps: Optional[int] = None  # None: the run's learning-rate warm-up
     measurement: str = "loss"
     num_draws: int = 1000
     measure_seed: int = 0
@@ -454,7 +478,8 @@ def run_counterfactual(
     n = len(train_indices(run))
     removals = counterfactual_removals(scores, job, n)
     steps = job.steps or run.config["train"]["steps"]
-    args = {"model": run.model_fingerprint(), "train": run.config["train"], "steps": steps}
+    args = {"model": run.model_fingerprint(), "train": run.config["train"], "steps": steps,
+            "warmup_steps": job.warmup_steps if job.warmup_steps is not None else run.config["train"]["warmup_steps"]}
     root = run.path / "lds" / f"cf-{config_hash(args)}"
     write_json(root / "job.json", {**args, "run": str(run.path)})
     queries, _ = run.load_samples(job.query_set)
@@ -486,7 +511,7 @@ def run_counterfactual(
         tag = "reference" if q is None else f"{name}_q{q}"
         path = root / f"{tag}_seed_{r}_{config_hash(keep, 10)}"
         cb = lambda s, _t, _l, base=i * (steps + 1): rec(base + s, total, "counterfactual")  # noqa: E731
-        if not _retrain(run, path, keep, steps, r, cb, should_stop, device, train_fn):
+        if not _retrain(run, path, keep, steps, r, cb, should_stop, device, train_fn, job.warmup_steps):
             return None
         values[(name, q, r)] = measured(path)
         rec((i + 1) * (steps + 1), total, "counterfactual", force=True)

@@ -257,3 +257,36 @@ def test_counterfactual_removes_top_k_and_reports_changes(micro_run):
     assert all(v != 0.0 for v in report["methods"]["oracle"]["per_query"])
     with pytest.raises(UserError):
         counterfactual_removals({"bad": torch.zeros(3, n - 1)}, job, n)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(argv):
+    from attribution.cli import main
+
+    return main(argv)
+
+
+def test_cli_lds_lds_score_and_errors(micro_run, tmp_path, capsys):
+    import json
+
+    from attribution.runs import save_tensors
+
+    argv = ["lds", "--run", str(micro_run.path), "--subsets", "3", "--seeds", "2", "--steps", "2",
+            "--warmup-steps", "1", "--measurements", "loss,LT=10", "--draws", "2"]
+    assert _cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "ground truth (2 measurements, 3 subsets x 2 seeds)" in out
+    scores = tmp_path / "s.safetensors"
+    save_tensors(scores, {"scores": torch.randn(3, 16)})
+    assert _cli(["lds-score", "--run", str(micro_run.path), "--measurement", "lt:10", str(scores)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["subsets"] == 3 and res["seeds"] == 2 and "exact retraining" in res["lds"]
+    assert -1.0 <= res["lds"][str(scores)]["mean"] <= 1.0
+    # bad input: one-line errors, exit code 2
+    assert _cli(["lds", "--run", str(micro_run.path), "--measurements", "nonsense"]) == 2
+    assert _cli(["lds-score", "--run", str(micro_run.path), "--measurement", "elbo", str(scores)]) == 2
+    assert _cli(["lds", "--run", str(micro_run.path), "--alpha", "1.5", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown measurement" in err and "no LDS ground truth" in err and "alpha" in err
