@@ -228,6 +228,11 @@ class Preconditioner:
             raise UserError(f"damping must be a finite number >= 0, got {damping}")
         self.op, self.damping, self.D = op, float(damping), int(output_dim)
         self.is_ekfac = isinstance(op, EKFACLinearOperator)
+        with torch.enable_grad():  # a live operator computes its factors lazily; do it now
+            if self.is_ekfac and not op._corrected_eigenvalues:  # noqa: SLF001
+                compute_factors(op)
+            elif not self.is_ekfac and not (op._input_covariances or op._gradient_covariances):  # noqa: SLF001
+                compute_factors(op)
         inv = KFACInverseLinearOperator(op, damping=self.damping / self.D, use_exact_damping=True)
         if not self.is_ekfac:
             if _eig_state is None:
@@ -241,8 +246,6 @@ class Preconditioner:
     @staticmethod
     @torch.no_grad()
     def _eigendecompose(op) -> dict:
-        if not (op._input_covariances or op._gradient_covariances):  # noqa: SLF001
-            op.compute_kronecker_factors()
         out = {"in": {}, "grad": {}}
         for name in op._mapping:  # noqa: SLF001
             for key, src in (("in", op._input_covariances), ("grad", op._gradient_covariances)):  # noqa: SLF001
@@ -320,3 +323,43 @@ def curvature_factors(run, images: Tensor, cfg: CurvatureConfig, progress: Progr
     tensors, meta = build_factors(unet, run.schedule(), images, cfg, progress)
     save_tensors(path, tensors, meta)
     return tensors, meta
+
+
+def dense_ggn(unet, schedule: Schedule, images: Tensor, draws: int, seed: int, params: Sequence) -> Tensor:
+    """The exact GGN of the mean training loss in the paper's scaling (squared error summed over
+    pixels), G = (1 / (N * draws)) sum_rows J_row^T (2 I) J_row over ``params``: ``[P, P]``.
+
+    A reference for small parameter subsets (tests, dense comparisons). Why not
+    ``curvlinops.GGNLinearOperator @ I``: that costs one Jacobian-vector pass per parameter;
+    per-row Jacobians cost one backward pass per output entry (D << P here). Rows are the same
+    (t, eps) draws as :class:`TrainingRows`.
+    """
+    from attribution.gradients import _PerExampleGrads, _resolve_params
+    from attribution.ddpm import predict_eps
+
+    params, mods = _resolve_params(unet, params)
+    dtype = params[0].dtype
+    G = torch.zeros(sum(p.numel() for p in params), sum(p.numel() for p in params), dtype=torch.float64)
+    rows = 0
+    was_training = unet.training
+    unet.eval()
+    hooks = _PerExampleGrads(mods)
+    try:
+        for group in example_groups(images.shape[0], draws, 64):
+            plan = draw_plan(schedule, images, Measurement("loss"), draws, seed, group)
+            R = plan.x_in.shape[0]
+            with torch.enable_grad():
+                out = predict_eps(unet, plan.x_in.to(dtype), plan.t).flatten(1)
+                J = []  # per output entry d: per-row gradients [R, P]
+                for d in range(out.shape[1]):
+                    got = hooks.grads(out[:, d].sum(), R, retain_graph=True, keep_records=True)
+                    J.append(torch.cat([got[id(p)].reshape(R, -1) if id(p) in got
+                                        else torch.zeros(R, p.numel(), dtype=dtype) for p in params], 1))
+                hooks.records = []
+            J = torch.stack(J, 1).double()  # [R, D, P]
+            G += 2 * torch.einsum("rdp,rdq->pq", J, J)
+            rows += R
+    finally:
+        hooks.remove()
+        unet.train(was_training)
+    return G / rows

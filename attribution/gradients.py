@@ -85,11 +85,12 @@ class _PerExampleGrads:
         for h in self.handles:
             h.remove()
 
-    def grads(self, total: Tensor, B: int) -> dict[int, dict[str, Tensor]]:
+    def grads(self, total: Tensor, B: int, retain_graph: bool = False,
+              keep_records: bool = False) -> dict[int, Tensor]:
         """Per-example weight/bias gradients ``{id(param): [B, *param.shape]}`` of ``total``,
         whose rows are grouped as B equal consecutive blocks."""
         outs = [o for _, _, o in self.records]
-        gouts = torch.autograd.grad(total, outs, allow_unused=True)
+        gouts = torch.autograd.grad(total, outs, allow_unused=True, retain_graph=retain_graph)
         res: dict[int, Tensor] = {}
         for (mod, a, _), g in zip(self.records, gouts):
             if g is None:
@@ -107,7 +108,8 @@ class _PerExampleGrads:
                     continue
                 key = id(p)
                 res[key] = res[key] + v if key in res else v  # a module called twice accumulates
-        self.records = []
+        if not keep_records:
+            self.records = []
         return res
 
 
