@@ -62,8 +62,14 @@ def _run_workers(args, stages: list[str]) -> int:
     run = open_run(args.run)
     job = _job_from_args(args)
     k = args.workers
-    base = [sys.executable, "-m", "attribution"] + [a for a in sys.argv[1:] if not a.startswith("--workers")]
-    base = [a for i, a in enumerate(base) if not (i > 0 and base[i - 1] == "--workers")]
+    base = [sys.executable, "-m", "attribution", "lds", "--run", str(args.run), "--subsets", str(args.subsets),
+            "--seeds", str(args.seeds), "--alpha", str(args.alpha), "--subset-seed", str(args.subset_seed),
+            "--query-set", args.query_set, "--draws", str(args.draws), "--measure-seed", str(args.measure_seed),
+            "--batch-size", str(args.batch_size), "--stage", args.stage]
+    for flag, value in (("--steps", args.steps), ("--warmup-steps", args.warmup_steps),
+                        ("--measurements", args.measurements)):
+        if value is not None:
+            base += [flag, str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     jd = job_dir(run, job)
     procs = [subprocess.Popen(base + ["--shard", f"{i}/{k}", "--quiet", "--no-collect"], env=env) for i in range(k)]

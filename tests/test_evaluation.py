@@ -290,3 +290,18 @@ def test_cli_lds_lds_score_and_errors(micro_run, tmp_path, capsys):
     assert _cli(["lds", "--run", str(micro_run.path), "--alpha", "1.5", "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "unknown measurement" in err and "no LDS ground truth" in err and "alpha" in err
+
+
+@pytest.mark.slow
+def test_cli_lds_with_two_worker_processes(micro_run, capsys):
+    """Two single-threaded shard processes share the units; the parent collects the ground truth."""
+    from attribution import evaluation as ev
+
+    argv = ["lds", "--run", str(micro_run.path), "--subsets", "2", "--seeds", "2", "--steps", "2",
+            "--warmup-steps", "1", "--measurements", "loss", "--draws", "2", "--workers", "2", "--subset-seed", "9"]
+    assert _cli(argv) == 0
+    job = ev.LDSJob(num_subsets=2, num_seeds=2, steps=2, warmup_steps=1, measurements=("loss",), num_draws=2,
+                    subset_seed=9)
+    assert all((ev.unit_dir(micro_run, job, m, r) / "model" / "config.json").exists() for m, r in ev.units(job))
+    assert len(ev.read_progress(micro_run, job)) == 2
+    assert ev.collect_ground_truth(micro_run, job, save=False)["loss"].values.shape == (2, 2, 3)
