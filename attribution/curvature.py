@@ -363,3 +363,18 @@ def dense_ggn(unet, schedule: Schedule, images: Tensor, draws: int, seed: int, p
         hooks.remove()
         unet.train(was_training)
     return G / rows
+
+
+class DensePreconditioner:
+    """(G + lambda I)^{-1} for an explicit matrix ``G`` ``[P, P]`` (exact references on small
+    problems); same ``apply`` / ``with_damping`` interface as :class:`Preconditioner`."""
+
+    def __init__(self, G: Tensor, damping: float):
+        self.G, self.damping = G.double(), float(damping)
+        self._chol = torch.linalg.cholesky(self.G + self.damping * torch.eye(G.shape[0], dtype=torch.float64))
+
+    def with_damping(self, damping: float) -> "DensePreconditioner":
+        return DensePreconditioner(self.G, damping)
+
+    def apply(self, V: Tensor) -> Tensor:
+        return torch.cholesky_solve(V.double().T, self._chol).T

@@ -91,6 +91,10 @@ class _PerExampleGrads:
         whose rows are grouped as B equal consecutive blocks."""
         outs = [o for _, _, o in self.records]
         gouts = torch.autograd.grad(total, outs, allow_unused=True, retain_graph=retain_graph)
+        with torch.no_grad():
+            return self._per_example(gouts, B, keep_records)
+
+    def _per_example(self, gouts, B: int, keep_records: bool) -> dict[int, Tensor]:
         res: dict[int, Tensor] = {}
         for (mod, a, _), g in zip(self.records, gouts):
             if g is None:
@@ -208,35 +212,51 @@ def reference_per_example_gradients(
 STORE_DTYPES = ("float16", "int8")
 
 
-def quantize_rows(x: Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``x`` ``[n, P]`` as ``(values [n, P] float16|int8, scales [n] float32)`` with
-    ``x ~= values * scales[:, None]`` (per-row absmax scaling; float16 keeps range safe too)."""
+def _block_bounds(p: int, blocks: Optional[Sequence[int]]) -> list[tuple[int, int]]:
+    sizes = [p] if blocks is None else [int(b) for b in blocks]
+    if sum(sizes) != p:
+        raise ValueError(f"blocks sum to {sum(sizes)}, rows have {p} entries")
+    starts = np.cumsum([0] + sizes)
+    return [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def quantize_rows(x: Tensor, dtype: str, blocks: Optional[Sequence[int]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``x`` ``[n, P]`` as ``(values [n, P] float16|int8, scales [n, B] float32)``:
+    one absmax scale per row and block (``blocks``: sizes summing to P, e.g. the parameter
+    tensors; default one block). Per-block scales matter: preconditioned query gradients span
+    many orders of magnitude across layers, and one int8 scale per row zeroes most layers."""
     x = x.detach().float()
-    amax = x.abs().amax(dim=1).clamp_min(1e-30)
+    bounds = _block_bounds(x.shape[1], blocks)
+    amax = torch.stack([x[:, a:b].abs().amax(dim=1) for a, b in bounds], dim=1).clamp_min(1e-30)  # [n, B]
     if dtype == "int8":
         scale = amax / 127.0
-        q = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     elif dtype == "float16":
         scale = amax
-        q = (x / scale[:, None]).to(torch.float16)
     else:
         raise UserError(f"unknown gradient store dtype {dtype!r}; choose {' or '.join(STORE_DTYPES)}")
+    sizes = torch.tensor([b - a for a, b in bounds])
+    y = x / scale.repeat_interleave(sizes, dim=1)
+    q = torch.round(y).clamp_(-127, 127).to(torch.int8) if dtype == "int8" else y.to(torch.float16)
     return q.numpy(), scale.numpy().astype(np.float32)
 
 
-def dequantize_rows(values: np.ndarray, scales: np.ndarray) -> Tensor:
-    """float32 ``[n, P]`` from stored rows and their scales."""
-    return torch.from_numpy(np.array(values)).float().mul_(torch.from_numpy(np.array(scales))[:, None])
+def dequantize_rows(values: np.ndarray, scales: np.ndarray, blocks: Optional[Sequence[int]] = None) -> Tensor:
+    """float32 ``[n, P]`` from stored rows and their per-block scales ``[n, B]``."""
+    v = torch.from_numpy(np.array(values)).float()
+    sizes = torch.tensor([b - a for a, b in _block_bounds(v.shape[1], blocks)])
+    return v.mul_(torch.from_numpy(np.array(scales)).repeat_interleave(sizes, dim=1))
 
 
 class GradientStore:
     """Per-example gradients on disk: ``grads.npy`` ``[N, P]`` (float16 or int8, memory-mapped),
-    ``scales.npy`` ``[N]`` float32, ``progress.json`` (rows done). Read-only view."""
+    ``scales.npy`` ``[N, B]`` float32 (one per row and parameter tensor), ``store.json`` (settings,
+    block sizes), ``progress.json`` (rows done). Read-only view."""
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
         meta = read_json(self.dir / "store.json")
         self.n, self.p, self.dtype = int(meta["n"]), int(meta["p"]), meta["dtype"]
+        self.blocks = list(meta["blocks"])
         self.meta = meta
         self.values = np.load(self.dir / "grads.npy", mmap_mode="r")
         self.scales = np.load(self.dir / "scales.npy", mmap_mode="r")
@@ -251,24 +271,31 @@ class GradientStore:
 
     def rows(self, start: int, stop: int) -> Tensor:
         """Dequantised float32 rows ``[stop - start, P]``."""
-        return dequantize_rows(self.values[start:stop], self.scales[start:stop])
+        return dequantize_rows(self.values[start:stop], self.scales[start:stop], self.blocks)
 
-    def score(self, queries: Tensor, chunk_rows: int = 128) -> Tensor:
-        """``queries [Q, P] @ G^T``: ``[Q, N]`` in the queries' float dtype (float32 or float64)."""
+    def score(self, queries: Tensor, chunk_rows: int = 256) -> Tensor:
+        """``queries [Q, P] @ G^T``: ``[Q, N]`` in the queries' float dtype (float32 or float64).
+
+        Per block b: ``(queries_b @ values_b^T) * scales[:, b]`` (no dequantised copy of the store).
+        """
         if not self.complete:
             raise UserError(f"gradient store {self.dir} is incomplete; rebuild it to resume")
         dtype = queries.dtype if queries.dtype in (torch.float32, torch.float64) else torch.float32
         q = queries.to(dtype)
-        out = torch.empty(q.shape[0], self.n, dtype=dtype)
+        bounds = _block_bounds(self.p, self.blocks)
+        out = torch.zeros(q.shape[0], self.n, dtype=dtype)
         for start in range(0, self.n, chunk_rows):
             stop = min(self.n, start + chunk_rows)
             vals = torch.from_numpy(np.array(self.values[start:stop])).to(dtype)
-            out[:, start:stop] = (q @ vals.T) * torch.from_numpy(np.array(self.scales[start:stop])).to(dtype)
+            sc = torch.from_numpy(np.array(self.scales[start:stop])).to(dtype)
+            acc = out[:, start:stop]
+            for k, (a, b) in enumerate(bounds):
+                acc.addcmul_(q[:, a:b] @ vals[:, a:b].T, sc[:, k])
         return out
 
 
 def store_nbytes(n: int, p: int, dtype: str) -> int:
-    return n * p * (2 if dtype == "float16" else 1) + 4 * n
+    return n * p * (2 if dtype == "float16" else 1)
 
 
 def build_gradient_store(
@@ -296,15 +323,17 @@ def build_gradient_store(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     n = int(images.shape[0])
-    p = num_parameters(kfac_parameters(unet))
-    meta = {"n": n, "p": p, "dtype": dtype, "measurement": str(m), "draws": num_draws, "seed": seed,
+    blocks = [q.numel() for q in kfac_parameters(unet)]
+    p = sum(blocks)
+    meta = {"n": n, "p": p, "dtype": dtype, "blocks": blocks, "measurement": str(m), "draws": num_draws, "seed": seed,
             "timesteps": list(timesteps) if timesteps is not None else None}
     if (directory / "store.json").exists() and read_json(directory / "store.json") != meta:
         raise UserError(f"gradient store {directory} was built with other settings; delete it and rebuild")
     npdtype = np.float16 if dtype == "float16" else np.int8
     if not (directory / "progress.json").exists():
         np.lib.format.open_memmap(directory / "grads.npy", mode="w+", dtype=npdtype, shape=(n, p)).flush()
-        np.lib.format.open_memmap(directory / "scales.npy", mode="w+", dtype=np.float32, shape=(n,)).flush()
+        np.lib.format.open_memmap(directory / "scales.npy", mode="w+", dtype=np.float32,
+                                  shape=(n, len(blocks))).flush()
         write_json(directory / "store.json", meta)
         write_json(directory / "progress.json", {"rows_done": 0})
     done = int(read_json(directory / "progress.json")["rows_done"])
@@ -320,7 +349,7 @@ def build_gradient_store(
                                       timesteps=timesteps, offset=start, rows_per_batch=rows_per_batch)
             if not torch.isfinite(g).all():
                 raise UserError(f"non-finite training gradients in rows {start}..{stop - 1}; check the model")
-            q, s = quantize_rows(g, dtype)
+            q, s = quantize_rows(g, dtype, blocks)
             values[start:stop] = q
             scales[start:stop] = s
             values.flush()

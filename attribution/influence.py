@@ -87,16 +87,33 @@ class InfluenceSettings:
 # ----------------------------------------------------------------------------- scoring core
 
 
-def compress_int8(x: Tensor) -> Tensor:
-    """int8 round trip with per-row absmax scales (what a compressed query costs): ``[Q, P]``."""
-    values, scales = quantize_rows(x, "int8")
-    return dequantize_rows(values, scales).to(x.dtype)
+# int8 query compression: one float32 scale per QUERY_INT8_BLOCK consecutive entries of a parameter
+# tensor (3.2x smaller than float32). Preconditioned queries at small damping span many orders of
+# magnitude even within a layer; on the micro fixture at lambda = 1e-8 the mean Spearman with the
+# float32 scores is 0.79 with one scale per row, 0.97 per tensor, 0.985 / 0.99 with 64 / 16 blocks.
+QUERY_INT8_BLOCK = 16
 
 
-def precondition_queries(pre: Preconditioner, query_grads: Tensor, compress: bool = False) -> Tensor:
-    """(G + lambda I)^{-1} grad m for each query row: ``[Q, P]`` float64 (int8 round trip if asked)."""
+def int8_blocks(sizes: Sequence[int], block: int = QUERY_INT8_BLOCK) -> list[int]:
+    """Split each parameter tensor's ``size`` into blocks of ``block`` entries (last one shorter)."""
+    out: list[int] = []
+    for n in sizes:
+        out += [block] * (n // block) + ([n % block] if n % block else [])
+    return out
+
+
+def compress_int8(x: Tensor, blocks: Optional[Sequence[int]] = None) -> Tensor:
+    """int8 round trip with one absmax scale per row and block (parameter tensor): ``[Q, P]``."""
+    values, scales = quantize_rows(x, "int8", blocks)
+    return dequantize_rows(values, scales, blocks).to(x.dtype)
+
+
+def precondition_queries(pre: Preconditioner, query_grads: Tensor, compress: bool = False,
+                         blocks: Optional[Sequence[int]] = None) -> Tensor:
+    """(G + lambda I)^{-1} grad m for each query row: ``[Q, P]`` float64 (int8 round trip if asked,
+    with per-parameter-tensor scales ``blocks``)."""
     out = pre.apply(query_grads)
-    return compress_int8(out) if compress else out
+    return compress_int8(out, blocks) if compress else out
 
 
 def score_chunks(precond_queries: Tensor, train_chunks: Iterable[Tensor]) -> Tensor:
@@ -281,7 +298,8 @@ def influence_scores(run, query_set: str, query_indices: Sequence[int], settings
     m = settings.gradient_measurement
     qgrads = query_gradients(run, query_set, query_indices, m, settings.query_draws, settings.seed, progress)
     pre = preconditioner(run, settings, progress)
-    pq = precondition_queries(pre, qgrads, settings.compress_queries)
+    blocks = int8_blocks([p.numel() for p in kfac_parameters(unet)])
+    pq = precondition_queries(pre, qgrads, settings.compress_queries, blocks)
     store = gradient_store(run, settings, progress)
     if store is not None:
         scores = store.score(pq.float())
