@@ -100,93 +100,116 @@ def build_ground_truth(run: Run) -> None:
 # ----------------------------------------------------------------------------- table
 
 
-def best_truth(run: Run, measurement: str):
-    from attribution.evaluation import find_ground_truth
+def cached_scores(run: Run, name: str, fn) -> tuple[torch.Tensor, dict]:
+    """Score matrix ``[Q, N]`` of ``name`` and its metadata, cached in the run's artifacts (git-ignored).
 
-    return find_ground_truth(run, measurement)
+    ``fn() -> scores`` or ``(scores, extra metadata)``.
+    """
+    from attribution.runs import load_tensors, save_tensors
+
+    d = run.artifact_dir("lds_bench_scores", {"version": 1})
+    path = d / (name.replace(" ", "_").replace(":", "-").replace("/", "-") + ".safetensors")
+    if path.exists():
+        tensors, meta = load_tensors(path)
+        return tensors["scores"], meta
+    t0 = time.time()
+    scores = fn()
+    extra = {}
+    if isinstance(scores, tuple):
+        scores, extra = scores
+    meta = {"name": name, "seconds": time.time() - t0, **extra}
+    save_tensors(path, {"scores": scores.float()}, meta)
+    log(f"scores {name}: {time.time() - t0:.0f} s")
+    return scores, meta
 
 
-def table(run: Run, only: set[str] | None = None) -> dict:
-    """LDS of every method on the stored ground truth; writes results after each method."""
-    from attribution import lds as L
+def method_scores(run: Run, q_idx: list[int], only=None):
+    """Yield ``(method, damping or None, relative or None, scores [Q, N])``, computing missing ones."""
+    from attribution.baselines import pixel_scores, trak_attribution
     from attribution.influence import InfluenceSettings, influence_scores
 
+    def want(name):
+        return only is None or any(o in name for o in only)
+
+    queries, _ = run.load_samples("queries")
+    images = queries["images"][q_idx]
+    yield "pixel cosine", None, None, cached_scores(run, "pixel", lambda: pixel_scores(run, images))[0]
+    for method, fisher, kt in [("kfac", "mc", "expand"), ("ekfac", "mc", "expand"), ("kfac", "empirical", "expand"),
+                               ("kfac", "mc", "reduce"), ("ekfac", "empirical", "expand"), ("ekfac", "mc", "reduce"),
+                               ("kfac", "empirical", "reduce"), ("ekfac", "empirical", "reduce")]:
+        name = f"{'K-FAC' if method == 'kfac' else 'EK-FAC'} {fisher} {kt}"
+        if not want(name):
+            continue
+        for d in KFAC_DAMPINGS:
+            settings = InfluenceSettings(method=method, fisher=fisher, kfac_type=kt, damping=d)
+            yield name, d, None, cached_scores(run, f"{name} {d:g}",
+                                               lambda: influence_scores(run, "queries", q_idx, settings))[0]
+    for variant, name in (("trak", "TRAK"), ("dtrak", "D-TRAK")):
+        if not want(name):
+            continue
+        for rel in TRAK_RELATIVE_DAMPINGS:
+            def compute():
+                r = trak_attribution(run, images, variant=variant, relative_damping=rel, device=DEVICE)
+                return r.scores, {"damping": r.damping}
+
+            sc, meta = cached_scores(run, f"{name} rel {rel:g}", compute)
+            yield name, meta["damping"], rel, sc
+    if want("CLIP"):
+        from attribution.baselines import ClipUnavailable, clip_scores
+
+        try:
+            yield "CLIP cosine", None, None, cached_scores(run, "clip", lambda: clip_scores(run, images, device=DEVICE))[0]
+        except ClipUnavailable as exc:
+            yield "CLIP cosine", None, None, exc
+
+
+def table(run: Run, only: set[str] | None = None, scores_only: bool = False) -> dict:
+    """LDS of every method on the stored ground truth; writes results after each method."""
+    from attribution import lds as L
+    from attribution.evaluation import find_ground_truth
+
+    if scores_only:
+        queries, _ = run.load_samples("queries")
+        for name, d, _, _ in method_scores(run, list(range(queries["images"].shape[0])), only):
+            log(f"have {name} {d}")
+        return {}
     out_json = RESULTS / "lds_demo.json"
     res = json.loads(out_json.read_text()) if out_json.exists() else {}
-    gt = best_truth(run, "loss")
-    queries, _ = run.load_samples("queries")
+    gt = find_ground_truth(run, "loss")
     q_idx = list(range(gt.num_queries))
     res["scale"] = {"images": gt.num_train, "resolution": run.config["image_size"], "queries": gt.num_queries,
                     **{k: v for k, v in gt.meta.items() if k in ("num_subsets", "num_seeds", "num_draws", "steps",
                                                                   "warmup_steps", "alpha", "measure_seed")},
                     "full_model_steps": run.config["train"]["steps"], "batch_size": run.config["train"]["batch_size"]}
-    res.setdefault("methods", {})
+    res["methods"] = {}
 
     def save():
         write_json(out_json, res)
         (RESULTS / "lds_demo.md").write_text(markdown(res))
 
-    def want(name):
-        return only is None or any(o in name for o in only)
-
     if gt.num_seeds >= 2:
         ex = L.exact_retraining_lds(gt)
         res["methods"]["exact retraining"] = {"lds": ex.mean, "sem": ex.sem, "damping": None}
-    pix = L.lds(__import__("attribution.baselines", fromlist=["pixel_scores"]).pixel_scores(run, queries["images"]), gt)
-    res["methods"]["pixel cosine"] = {"lds": pix.mean, "sem": pix.sem, "damping": None}
-    save()
-
-    for method in ("kfac", "ekfac"):
-        for fisher in ("mc", "empirical"):
-            for kt in ("expand", "reduce"):
-                name = f"{'K-FAC' if method == 'kfac' else 'EK-FAC'} {fisher} {kt}"
-                if not want(name):
-                    continue
-                t0 = time.time()
-                log(f"{name}: scores")
-                try:
-                    fn = lambda d: influence_scores(run, "queries", q_idx, InfluenceSettings(  # noqa: E731
-                        method=method, fisher=fisher, kfac_type=kt, damping=d))
-                    rows, best = L.damping_sweep(fn, KFAC_DAMPINGS, gt)
-                except Exception as exc:  # record and go on with the other methods
-                    res["methods"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-                    save()
-                    continue
-                at_default = next(r for r in rows if r["damping"] == 1e-8)
-                res["methods"][name] = {"lds_at_1e-8": at_default["mean"], "sem_at_1e-8": at_default["sem"],
-                                        "lds": best["mean"], "sem": best["sem"], "damping": best["damping"],
-                                        "sweep": [{k: r.get(k) for k in ("damping", "mean", "sem", "error")} for r in rows],
-                                        "seconds": time.time() - t0}
-                save()
-
-    from attribution.baselines import ClipUnavailable, clip_scores, trak_attribution
-
-    for variant, name in (("trak", "TRAK"), ("dtrak", "D-TRAK")):
-        if not want(name):
+    sweeps: dict[str, list] = {}
+    for name, d, rel, sc in method_scores(run, q_idx, only):
+        if isinstance(sc, Exception):
+            res["methods"][name] = {"error": f"not run: {sc}"}
+            save()
             continue
-        t0 = time.time()
-        log(f"{name}: scores")
-        rows = []
-        for rel in TRAK_RELATIVE_DAMPINGS:
-            r = trak_attribution(run, queries["images"], variant=variant, relative_damping=rel, device=DEVICE)
-            s = L.lds(r.scores, gt)
-            rows.append({"damping": r.damping, "relative": rel, "mean": s.mean, "sem": s.sem})
+        r = L.lds(sc, gt)
+        sweeps.setdefault(name, []).append({"damping": d, "relative": rel, "mean": r.mean, "sem": r.sem})
+    for name, rows in sweeps.items():
         best = max(rows, key=lambda r: -math.inf if math.isnan(r["mean"]) else r["mean"])
-        res["methods"][name] = {"lds": best["mean"], "sem": best["sem"], "damping": best["damping"],
-                                "sweep": rows, "seconds": time.time() - t0}
-        save()
-
-    if want("CLIP"):
-        try:
-            s = L.lds(clip_scores(run, queries["images"], device=DEVICE), gt)
-            res["methods"]["CLIP cosine"] = {"lds": s.mean, "sem": s.sem, "damping": None}
-        except ClipUnavailable as exc:
-            res["methods"]["CLIP cosine"] = {"error": f"not run: {exc}"}
-        save()
-
-    if want("diagnostics"):
-        res["diagnostics"] = diagnostics(run, gt, q_idx)
-        save()
+        entry = {"lds": best["mean"], "sem": best["sem"], "damping": best["damping"]}
+        if len(rows) > 1:
+            entry["sweep"] = rows
+        at = [r for r in rows if r["damping"] == 1e-8 and r["relative"] is None]
+        if at:
+            entry.update({"lds_at_1e-8": at[0]["mean"], "sem_at_1e-8": at[0]["sem"]})
+        res["methods"][name] = entry
+    save()
+    res["diagnostics"] = diagnostics(run, gt, q_idx)
+    save()
     return res
 
 
@@ -197,8 +220,9 @@ def diagnostics(run: Run, gt, q_idx) -> dict:
     from attribution.influence import InfluenceSettings, influence_scores
 
     def kfac(meas, approx=None):
-        return influence_scores(run, "queries", q_idx, InfluenceSettings(damping=1e-8, measurement=meas,
-                                                                         approx_measurement=approx))
+        st = InfluenceSettings(damping=1e-8, measurement=meas, approx_measurement=approx)
+        return cached_scores(run, f"K-FAC mc expand 1e-08 {meas} {approx}",
+                             lambda: influence_scores(run, "queries", q_idx, st))[0]
 
     out = {}
     loss_scores = kfac("loss")
@@ -212,8 +236,8 @@ def diagnostics(run: Run, gt, q_idx) -> dict:
             truths[meas] = find_ground_truth(run, meas)
         except Exception:
             continue
-    out["model_vs_model_correlation"] = {m: {k: v for k, v in L.model_correlation(t).items() if k != "matrix" and k != "labels"}
-                                         for m, t in truths.items()}
+    out["model_vs_model_correlation"] = {m: {k: v for k, v in L.model_correlation(t).items()
+                                             if k not in ("matrix", "labels")} for m, t in truths.items()}
     lts = [m for m in truths if m.startswith("lt:")]
     if lts:
         rows, cols, mat = L.cross_lds({m: kfac(m) for m in lts}, {m: truths[m] for m in lts})
@@ -225,6 +249,40 @@ def diagnostics(run: Run, gt, q_idx) -> dict:
     return out
 
 
+CF_QUERIES = (0, 1, 2, 3)
+CF_K = 100  # 10% of the 1000 training images
+
+
+def counterfactual(run: Run) -> dict:
+    """Retrain without each method's top-100 for 4 queries (same 100-step recipe as the LDS models)."""
+    from attribution.evaluation import CounterfactualJob, run_counterfactual
+
+    out_json = RESULTS / "lds_demo.json"
+    res = json.loads(out_json.read_text())
+    queries, _ = run.load_samples("queries")
+    images = queries["images"]
+    q_idx = list(range(images.shape[0]))
+    scores = {"K-FAC mc expand (1e-8)": cached_scores(run, "K-FAC mc expand 1e-08", lambda: None)[0]}
+    trak = res["methods"].get("TRAK", {}).get("sweep", [])
+    if trak:
+        best = max(trak, key=lambda r: -math.inf if math.isnan(r["mean"]) else r["mean"])
+        scores[f"TRAK (best, rel {best['relative']:g})"] = cached_scores(run, f"TRAK rel {best['relative']:g}",
+                                                                         lambda: None)[0]
+    scores["pixel cosine"] = cached_scores(run, "pixel", lambda: None)[0]
+    job = CounterfactualJob(query_indices=CF_QUERIES, k=CF_K, num_seeds=1, steps=TRAIN["steps"],
+                            warmup_steps=TRAIN["warmup_steps"], measurement="loss", num_draws=LOSS_JOB.num_draws)
+    log("counterfactual retraining")
+    report = run_counterfactual(run, job, scores, progress=progress_printer(), device=DEVICE)
+    res["counterfactual"] = {"k": CF_K, "queries": list(CF_QUERIES), "steps": TRAIN["steps"], "seeds": 1,
+                             "measurement": "loss", "num_draws": LOSS_JOB.num_draws,
+                             "change": {m: {"mean": r["mean"], "sem": r["sem"], "per_query": r["per_query"]}
+                                        for m, r in report["methods"].items()},
+                             "reference_loss": report["reference_values"]}
+    write_json(out_json, res)
+    (RESULTS / "lds_demo.md").write_text(markdown(res))
+    return res
+
+
 def markdown(res: dict) -> str:
     sc = res.get("scale", {})
     lines = ["# LDS benchmark of the demo run (loss measurement)", "",
@@ -232,13 +290,21 @@ def markdown(res: dict) -> str:
              "| method | LDS at damping 1e-8 | LDS at best damping | best damping |", "|---|---|---|---|"]
     for name, r in res.get("methods", {}).items():
         if "error" in r:
-            lines.append(f"| {name} | {r['error']} | | |")
+            lines.append(f"| {name} | {r['error'].split('. ')[0]} | | |")
             continue
         d = r.get("damping")
         at = f"{r['lds_at_1e-8']:.3f} ± {r['sem_at_1e-8']:.3f}" if "lds_at_1e-8" in r else ""
         lines.append(f"| {name} | {at} | {r['lds']:.3f} ± {r['sem']:.3f} | {'' if d is None else f'{d:.0e}'} |")
     if "counterfactual" in res:
-        lines += ["", "## Retraining without top influences", "", "```", json.dumps(res["counterfactual"], indent=1), "```"]
+        cf = res["counterfactual"]
+        lines += ["", "## Retraining without top influences", "",
+                  f"Remove each method's top-{cf['k']} training images (largest tau: proponents) for queries "
+                  f"{cf['queries']}, retrain ({cf['steps']} steps, {cf['seeds']} seed) and report the change of the "
+                  f"{cf['measurement']} against a model retrained on all the data with the same recipe and seed "
+                  f"({cf['num_draws']} MC draws, shared).", "",
+                  "| removed | mean change ± s.e. | per query |", "|---|---|---|"]
+        for m, r in cf["change"].items():
+            lines.append(f"| {m} | {r['mean']:.4f} ± {r['sem']:.4f} | {', '.join(f'{v:.4f}' for v in r['per_query'])} |")
     if "diagnostics" in res:
         d = {k: v for k, v in res["diagnostics"].items() if k != "predicted_vs_actual_loss"}
         p = res["diagnostics"].get("predicted_vs_actual_loss", {})
@@ -252,12 +318,21 @@ def markdown(res: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", action="store_true", help="only (re)compute the LDS table")
-    ap.add_argument("--only", default=None, help="comma-separated name fragments of the methods to (re)compute")
+    ap.add_argument("--scores", action="store_true",
+                    help="only compute (and cache) the methods' score matrices (needs no ground truth)")
+    ap.add_argument("--no-counterfactual", action="store_true", help="skip the counterfactual retraining")
+    ap.add_argument("--only", default=None, help="comma-separated name fragments of the methods to include")
     args = ap.parse_args()
     run = Run(DEMO_RUN)
+    only = set(args.only.split(",")) if args.only else None
+    if args.scores:
+        table(run, only, scores_only=True)
+        return 0
     if not args.table:
         build_ground_truth(run)
-    table(run, set(args.only.split(",")) if args.only else None)
+    table(run, only)
+    if not args.no_counterfactual:
+        counterfactual(run)
     log("table written to bench/results/lds_demo.{json,md}")
     return 0
 
