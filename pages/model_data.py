@@ -53,7 +53,7 @@ else:
 st.subheader("Samples")
 names = run.sample_names()
 if names:
-    name = st.selectbox("Sample set", names, key="md_set")
+    name = st.selectbox("Sample set", names, key="md_set", bind="query-params")
     with user_errors():
         s = samples(run, name)
         meta = s["meta"]
