@@ -310,17 +310,24 @@ def preconditioner_from_factors(unet, schedule: Schedule, tensors: dict[str, Ten
     return Preconditioner(op, damping, meta["output_dim"])
 
 
-def curvature_factors(run, images: Tensor, cfg: CurvatureConfig, progress: Progress = None,
+def curvature_factors(run, images, cfg: CurvatureConfig, progress: Progress = None,
                       unet=None) -> tuple[dict[str, Tensor], dict]:
-    """The run's cached factors for ``cfg`` (built and saved on first use)."""
+    """The run's cached factors for ``cfg`` (built and saved on first use).
+
+    ``images``: the training images ``[N, C, H, W]``, or a callable returning them (only called
+    when the factors must be built). The cache key is the model fingerprint (which fixes the
+    run's training set) plus ``cfg``.
+    """
     from attribution.runs import load_tensors, save_tensors
 
-    d = run.artifact_dir("curvature", {**cfg.key(), "n_train": int(images.shape[0])})
+    d = run.artifact_dir("curvature", cfg.key())
     path = d / "factors.safetensors"
     if path.exists():
         return load_tensors(path)
+    images = images() if callable(images) else images
     unet = unet if unet is not None else run.load_unet()
     tensors, meta = build_factors(unet, run.schedule(), images, cfg, progress)
+    meta["n_train"] = int(images.shape[0])
     save_tensors(path, tensors, meta)
     return tensors, meta
 

@@ -213,23 +213,30 @@ def _check_indices(indices: Sequence[int], n: int, what: str) -> list[int]:
 
 def gradient_store(run, settings: InfluenceSettings, progress: Progress = None) -> Optional[GradientStore]:
     """The run's training-loss gradient store for ``settings`` (built / resumed as needed), or
-    None when it would exceed the byte budget (then :func:`influence_scores` streams)."""
+    None when it would exceed the byte budget (then :func:`influence_scores` streams).
+    A complete store is opened without loading the training set."""
     c = _CACHE.get(run)
     unet, schedule = _model(run, c)
-    images = training_images(run, c)
     p = num_parameters(kfac_parameters(unet))
+    args = {"measurement": str(TRAINING_LOSS), "draws": settings.train_draws, "seed": settings.seed,
+            "dtype": settings.store_dtype, "params": "kfac", "p": p}
+    key = ("store", tuple(sorted(args.items())))
+    store = c.get(key)
+    if store is not None and store.complete:
+        return store
+    d = run.artifact_dir("grad_store", args)
+    if (d / "progress.json").exists() and (d / "store.json").exists():
+        store = GradientStore(d)
+        if store.complete:
+            c[key] = store
+            return store
+    images = training_images(run, c)
     budget = settings.store_budget_bytes if settings.store_budget_bytes is not None else DEFAULT_STORE_BUDGET
     if store_nbytes(images.shape[0], p, settings.store_dtype) > budget:
         return None
-    args = {"measurement": str(TRAINING_LOSS), "draws": settings.train_draws, "seed": settings.seed,
-            "dtype": settings.store_dtype, "params": "kfac", "n": int(images.shape[0]), "p": p}
-    key = ("store", tuple(sorted(args.items())))
-    store = c.get(key)
-    if store is None or not store.complete:
-        d = run.artifact_dir("grad_store", args)
-        store = build_gradient_store(d, unet, schedule, images, TRAINING_LOSS, settings.train_draws,
-                                     settings.seed, dtype=settings.store_dtype, progress=progress)
-        c[key] = store
+    store = build_gradient_store(d, unet, schedule, images, TRAINING_LOSS, settings.train_draws,
+                                 settings.seed, dtype=settings.store_dtype, progress=progress)
+    c[key] = store
     return store
 
 
@@ -279,7 +286,7 @@ def preconditioner(run, settings: InfluenceSettings, progress: Progress = None) 
     key = ("pre", tuple(sorted(cfg.key().items())))
     pre = c.get(key)
     if pre is None:
-        tensors, meta = curvature_factors(run, training_images(run, c), cfg, progress, unet=unet)
+        tensors, meta = curvature_factors(run, lambda: training_images(run, c), cfg, progress, unet=unet)
         pre = preconditioner_from_factors(unet, schedule, tensors, meta, settings.damping)
         c[key] = pre
     return pre if pre.damping == settings.damping else pre.with_damping(settings.damping)
@@ -303,6 +310,8 @@ def influence_scores(run, query_set: str, query_indices: Sequence[int], settings
     store = gradient_store(run, settings, progress)
     if store is not None:
         scores = store.score(pq.float())
+        if store.n != scores.shape[1]:
+            raise UserError("the gradient store does not match the training set; delete it and rebuild")
     else:
         images = training_images(run, c)
         n, chunk = images.shape[0], 64
@@ -320,6 +329,15 @@ def influence_scores(run, query_set: str, query_indices: Sequence[int], settings
 
 
 def run_training_table(run) -> list[dict]:
-    """``[{"index", "id", "label"}]`` for the run's training set (for JSON output and galleries)."""
+    """``[{"index", "id", "label"}]`` for the run's training set (cached in the run: loading the
+    dataset itself can take seconds)."""
+    from attribution.runs import read_json, write_json
+
+    d = run.artifact_dir("train_table", {"dataset": run.config.get("dataset"), "subset": run.config.get("subset")})
+    path = d / "table.json"
+    if path.exists():
+        return read_json(path)
     ds = run.dataset()
-    return [{"index": i, "id": ds.ids[i], "label": ds.label_name(int(ds.labels[i]))} for i in range(len(ds))]
+    table = [{"index": i, "id": ds.ids[i], "label": ds.label_name(int(ds.labels[i]))} for i in range(len(ds))]
+    write_json(path, table)
+    return table
