@@ -1,8 +1,17 @@
-"""LDS diagnostics: LDS per method, damping sweeps, predicted vs actual, cross-LDS, stability."""
+"""LDS diagnostics: LDS per method (± SE, exact-retraining reference), damping sweeps, predicted vs
+actual, per-timestep cross-LDS, measurement stability across retrained models, counterfactuals."""
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import plotly.graph_objects as go
 import streamlit as st
 
-from pages._common import available, current_run, require_model
+from attribution.jobs import job_id
+from attribution.jobs import status as job_status
+from pages._common import (available, current_run, ensure_job, model_fingerprint, require_model, running_job,
+                           user_errors)
 
 st.title("LDS diagnostics")
 run = current_run()
@@ -10,3 +19,207 @@ require_model(run)
 if not available("evaluation"):
     st.info("The evaluation module (attribution/evaluation.py) is not available yet.")
     st.stop()
+
+from attribution.evaluation import list_ground_truth, load_ground_truth  # noqa: E402
+from attribution.lds import (cross_lds, exact_retraining_lds, lds, model_correlation,  # noqa: E402
+                             predicted_vs_actual)
+
+BUILD_CMD = (f"attribution lds --run {run.path} --subsets 32 --seeds 2 --steps 100 --draws 128 "
+             "--measurements loss,elbo,lt:49,lt:199,lt:499,lt:799")
+METHODS = {"influence": "K-FAC influence (Attribute settings)", "trak": "TRAK", "dtrak": "D-TRAK",
+           "pixel": "pixel cosine", "clip": "CLIP cosine"}
+DEFAULT_SETTINGS = dict(method="kfac", fisher="mc", kfac_type="expand", damping=1e-8, measurement="loss",
+                        approx_measurement=None, train_draws=32, query_draws=64, seed=0)
+
+
+def lds_progress_panel() -> None:
+    """Progress of LDS retraining jobs started from the CLI (their progress JSON files)."""
+    for p in sorted((run.path / "lds").glob("*/progress_*.json")):
+        try:
+            prog = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        total = prog.get("total") or 1
+        st.progress(min(1.0, (prog.get("done") or 0) / total),
+                    text=f"LDS job {p.parent.name} — {prog.get('stage')}: {prog.get('done')}/{total}")
+
+
+truths = list_ground_truth(run)
+if not truths:
+    st.info("This run has no LDS ground truth yet (retrained models measured on its queries). Build it "
+            "from a terminal (resumable; progress appears here):")
+    st.code(BUILD_CMD, language="bash")
+    lds_progress_panel()
+    st.stop()
+
+# ----------------------------------------------------------------------------- ground truth choice
+by_meas: dict[str, dict] = {}
+for row in truths:  # the ground truth with the most models per measurement
+    m = row.get("measurement")
+    best = by_meas.get(m)
+    if best is None or row.get("num_subsets", 0) * row.get("num_seeds", 0) > best.get("num_subsets", 0) * best.get("num_seeds", 0):
+        by_meas[m] = row
+settings = dict(st.session_state.get("attr_settings", DEFAULT_SETTINGS))
+meas_names = sorted(by_meas, key=lambda m: (m != "loss", m))
+default = settings["measurement"] if settings["measurement"] in by_meas else meas_names[0]
+measurement = st.selectbox("True measurement (ground truth)", meas_names, index=meas_names.index(default),
+                           key="l_m", bind="query-params")
+with user_errors():
+    gt = load_ground_truth(Path(by_meas[measurement]["path"]), run)
+qset = gt.meta.get("query_set", "queries")
+st.caption(f"Ground truth: {gt.num_subsets} subsets × {gt.num_seeds} seeds, {gt.num_queries} queries of "
+           f"sample set {qset!r}, {gt.meta.get('num_draws', '?')} MC draws, {gt.meta.get('steps', '?')} steps per "
+           f"retrained model. More: `{BUILD_CMD}`")
+lds_progress_panel()
+fp = model_fingerprint(run)
+q_all = list(range(gt.num_queries))
+inf_settings = {**settings, "measurement": measurement}
+st.caption("Influence settings (Attribute page, measurement set to the true one): " + json.dumps(inf_settings))
+
+# ----------------------------------------------------------------------------- scores of each method
+methods = st.multiselect("Methods", list(METHODS), default=["influence", "trak", "dtrak", "pixel"],
+                         format_func=METHODS.get, key="l_methods")
+scores = {}
+busy = running_job(run, "influence") or running_job(run, "baseline")
+for m in methods:
+    if m == "influence":
+        if not available("influence"):
+            st.info("The influence engine is not available yet.")
+            continue
+        kind, args = "influence", {"settings": inf_settings, "query_set": qset, "query_indices": q_all, "model": fp}
+    else:
+        if not available("baselines"):
+            st.info(f"{METHODS[m]}: the baselines are not available yet.")
+            continue
+        kind, args = "baseline", {"method": m, "query_set": qset, "query_indices": q_all, "model": fp}
+    if busy is not None and busy["args"] != args and job_status(run.path, job_id(kind, args)) is None:
+        st.caption(f"{METHODS[m]}: queued (one build at a time)")
+        continue
+    with user_errors():
+        state, s = ensure_job(run, kind, args, f"{METHODS[m]} on all {len(q_all)} queries", wait_s=1.0, key=f"l_{m}")
+        if state is not None and state["status"] == "running":
+            busy = state
+        if s is not None:
+            scores[m] = s
+
+# ----------------------------------------------------------------------------- LDS per method
+st.subheader(f"LDS on the {measurement}")
+bars = []
+with user_errors():
+    for m, s in scores.items():
+        res = lds(s, gt)
+        bars.append((METHODS[m].split(" (")[0], res))
+    if gt.num_seeds >= 2:
+        bars.append(("exact retraining", exact_retraining_lds(gt)))
+if bars:
+    fig = go.Figure(go.Bar(x=[b[0] for b in bars], y=[100 * b[1].mean for b in bars],
+                           error_y=dict(type="data", array=[100 * b[1].sem for b in bars]),
+                           marker_color=["#888" if b[0] == "exact retraining" else "#1f77b4" for b in bars],
+                           text=[f"{100 * b[1].mean:.1f} ± {100 * b[1].sem:.1f}" for b in bars], textposition="outside"))
+    fig.update_layout(yaxis_title="LDS (%) — mean ± SE over queries", height=360, margin=dict(t=20, b=10))
+    st.plotly_chart(fig, width="stretch")
+    if "influence" in scores:
+        res = lds(scores["influence"], gt)
+        st.metric("LDS of the current Attribute settings (live)", f"{100 * res.mean:.1f} %",
+                  help=f"± {100 * res.sem:.1f} (SE over {res.num_valid} queries)")
+    st.download_button("LDS table (JSON)", json.dumps({"measurement": measurement, "ground_truth": by_meas[measurement],
+                       "influence_settings": inf_settings,
+                       "lds": {name: r.as_dict() for name, r in bars}}, indent=2, default=str), "lds.json", "application/json")
+
+# ----------------------------------------------------------------------------- damping sweep
+st.subheader("Damping sweep (K-FAC influence)")
+if "influence" in scores:
+    from attribution.influence import InfluenceSettings, influence_scores
+
+    dampings = [1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    sweep_key = json.dumps([measurement, inf_settings, fp])
+    if st.button("Run the sweep (re-scores from the cached factors)", key="l_sweep"):
+        rows = []
+        with st.spinner("re-scoring at each damping…"):
+            for d in dampings:
+                s = influence_scores(run, qset, q_all, InfluenceSettings(**{**inf_settings, "damping": d}))
+                rows.append({"damping": d, **lds(s, gt).as_dict()})
+        st.session_state["l_sweep_rows"] = (sweep_key, rows)
+    saved = st.session_state.get("l_sweep_rows")
+    if saved and saved[0] == sweep_key:
+        rows = saved[1]
+        fig = go.Figure(go.Scatter(x=[r["damping"] for r in rows], y=[100 * r["mean"] for r in rows], mode="lines+markers",
+                                   error_y=dict(type="data", array=[100 * r["sem"] for r in rows]), name="K-FAC"))
+        fig.update_layout(xaxis_type="log", xaxis_title="damping λ", yaxis_title="LDS (%)", height=320,
+                          margin=dict(t=20, b=10))
+        st.plotly_chart(fig, width="stretch")
+else:
+    st.caption("Needs the influence scores above.")
+
+# ----------------------------------------------------------------------------- predicted vs actual
+st.subheader("Predicted vs actual change of the measurement")
+if "influence" in scores and gt.base is not None:
+    pva = predicted_vs_actual(scores["influence"], gt)
+    qi = st.selectbox("Query", q_all, format_func=lambda i: f"{qset}[{i}]", key="l_q")
+    fig = go.Figure(go.Scatter(x=pva["predicted"][qi].tolist(), y=pva["actual"][qi].tolist(), mode="markers",
+                               name="subsets"))
+    fig.update_layout(xaxis_title="predicted change (1/N Σ τ over removed)", yaxis_title="actual change (retrained − full)",
+                      height=340, margin=dict(t=20, b=10))
+    st.plotly_chart(fig, width="stretch")
+    st.caption(f"Predicted increase in {100 * pva['fraction_predicted_increase']:.0f}% of (query, subset) pairs; "
+               f"actual increase in {100 * pva['fraction_actual_increase']:.0f}%.")
+elif gt.base is None:
+    st.info("This ground truth has no full-data measurement (re-run the LDS job's measure stage).")
+
+# ----------------------------------------------------------------------------- measurement stability
+st.subheader("Measurement stability across retrained models")
+with user_errors():
+    corr = model_correlation(gt)
+    fig = go.Figure(go.Heatmap(z=corr["matrix"].numpy(), x=corr["labels"], y=corr["labels"], zmin=-1, zmax=1,
+                               colorscale="RdBu"))
+    fig.update_layout(height=380, margin=dict(t=20, b=10), xaxis_showticklabels=False, yaxis_showticklabels=False)
+    st.plotly_chart(fig, width="stretch")
+    st.caption(f"Pearson correlation of the {measurement} across queries between models: mean off-diagonal "
+               f"{corr['mean_offdiag']:.3f}, min {corr['min_offdiag']:.3f} (paper obs. 3: the ELBO barely changes).")
+
+# ----------------------------------------------------------------------------- cross-LDS
+st.subheader("Per-timestep cross-LDS")
+lt_truths = sorted((m for m in by_meas if m.startswith("lt:")), key=lambda m: int(m[3:]))
+if len(lt_truths) < 2:
+    st.info("Needs ground truth for at least two per-timestep losses (lt:T); see the command above.")
+elif not available("influence"):
+    st.info("The influence engine is not available yet.")
+else:
+    want = st.toggle("Compute the cross-LDS (one influence scoring per timestep)", False, key="l_cross")
+    if want:
+        proxies = {}
+        for m in lt_truths:
+            args = {"settings": {**inf_settings, "measurement": m, "approx_measurement": None}, "query_set": qset,
+                    "query_indices": q_all, "model": fp}
+            busy = running_job(run, "influence")
+            if busy is not None and busy["args"] != args and job_status(run.path, job_id("influence", args)) is None:
+                st.caption(f"{m}: queued")
+                continue
+            state, s = ensure_job(run, "influence", args, f"influence on {m}", wait_s=1.0, key=f"l_x_{m}")
+            if s is not None:
+                proxies[m] = s
+        if len(proxies) == len(lt_truths):
+            truth = {m: load_ground_truth(Path(by_meas[m]["path"]), run) for m in lt_truths}
+            rows_, cols_, mat = cross_lds(proxies, truth)
+            fig = go.Figure(go.Heatmap(z=100 * mat.numpy(), x=[f"true {c}" for c in cols_], y=[f"attributed {r}" for r in rows_],
+                                       colorscale="Viridis", text=(100 * mat).round().numpy(), texttemplate="%{text}"))
+            fig.update_layout(height=380, margin=dict(t=20, b=10))
+            st.plotly_chart(fig, width="stretch")
+            st.caption("LDS (%) of each attributed per-timestep loss (rows) against each true one (columns); "
+                       "paper obs. 1: higher timesteps are better proxies for lower ones.")
+
+# ----------------------------------------------------------------------------- counterfactuals
+st.subheader("Counterfactual retraining (remove the top-k, retrain)")
+reports = sorted((run.path / "lds").glob("cf-*/report_*.json"))
+if not reports:
+    st.info("No counterfactual results in this run. Build them with e.g. "
+            f"`attribution counterfactual --run {run.path} --scores kfac=SCORES.safetensors --queries 0,1,2 -k 10`.")
+for p in reports:
+    rep = json.loads(p.read_text())
+    names_cf = list(rep["methods"])
+    fig = go.Figure(go.Bar(x=names_cf, y=[rep["methods"][n]["mean"] for n in names_cf],
+                           error_y=dict(type="data", array=[rep["methods"][n]["sem"] for n in names_cf])))
+    a = rep.get("args", {})
+    fig.update_layout(title=f"{a.get('measurement')} change after removing k = {a.get('k')} (queries {a.get('query_indices')})",
+                      yaxis_title="measurement change (mean ± SE)", height=320, margin=dict(t=40, b=10))
+    st.plotly_chart(fig, width="stretch")

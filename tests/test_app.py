@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -56,6 +57,19 @@ def _png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _arr(v) -> np.ndarray:
+    """A plotly spec array (plain list, or plotly's base64 typed-array dict)."""
+    import base64
+
+    if isinstance(v, dict) and "bdata" in v:
+        out = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        shape = v.get("shape")
+        if isinstance(shape, str):
+            shape = [int(x) for x in shape.split(",")]
+        return out.reshape(shape) if shape else out
+    return np.asarray(v)
 
 
 def _wait_all(run_dir: Path, timeout: float = 90.0) -> None:
@@ -260,3 +274,71 @@ def test_page_settings_come_from_the_url(app_run, monkeypatch):
     assert at.selectbox(key="md_set").value == "zz-linked"
     assert "zz-linked[1]" in [img.proto.imgs[0].caption for img in at.get("image")]
 
+
+
+# ----------------------------------------------------------------------------- Compare
+
+
+def test_compare_page_overlap_and_correlation(app, app_run):
+    pytest.importorskip("attribution.influence")
+    pytest.importorskip("attribution.baselines")
+    at = app("pages/compare.py")
+    at.multiselect(key="c_m").set_value(["influence", "pixel"]).run()
+    _wait_all(app_run.path, timeout=300)
+    at.run()
+    _wait_all(app_run.path, timeout=300)
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, _texts(at.error)
+    assert len(at.get("plotly_chart")) == 2  # top-k overlap and Spearman heatmaps
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    overlap = _arr(charts[0]["data"][0]["z"])
+    assert overlap.shape == (2, 2) and np.allclose(np.diag(overlap), 1.0)
+    assert any(b.proto.label == "Aligned galleries (CSV)" for b in at.get("download_button"))
+
+
+# ----------------------------------------------------------------------------- LDS
+
+
+def test_lds_page_without_ground_truth_shows_the_build_command(app):
+    at = app("pages/lds.py")
+    assert not at.exception
+    assert "no LDS ground truth" in _texts(at.info)
+    assert "attribution lds --run" in " ".join(c.value for c in at.code)
+
+
+@pytest.fixture(scope="module")
+def lds_run(micro_run, tmp_path_factory):
+    """A copy of micro_run with a small but real LDS ground truth (4 subsets x 2 seeds, loss)."""
+    from attribution.evaluation import LDSJob, collect_ground_truth, run_lds_job
+    from attribution.runs import Run
+
+    dst = tmp_path_factory.mktemp("lds_runs") / "micro-lds"
+    shutil.copytree(micro_run.path, dst)
+    run = Run(dst)
+    job = LDSJob(num_subsets=4, num_seeds=2, steps=5, warmup_steps=2, measurements=("loss",), num_draws=8)
+    assert run_lds_job(run, job)
+    collect_ground_truth(run, job)
+    return run
+
+
+def test_lds_page_with_ground_truth(lds_run, monkeypatch, tmp_path):
+    pytest.importorskip("attribution.influence")
+    monkeypatch.setenv("ATTRIBUTION_RUN", str(lds_run.path))
+    monkeypatch.setenv("ATTRIBUTION_RUNS", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.switch_page("pages/lds.py").run()
+    at.multiselect(key="l_methods").set_value(["influence"]).run()
+    _wait_all(lds_run.path, timeout=300)
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, _texts(at.error)
+    bars = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    assert list(_arr(bars["x"])) == ["K-FAC influence", "exact retraining"]
+    assert all(-100 <= v <= 100 for v in _arr(bars["y"]))
+    assert "LDS of the current Attribute settings (live)" in [m.label for m in at.metric]
+    at.button(key="l_sweep").click().run()
+    assert not at.exception, at.exception
+    sweep = [json.loads(c.proto.spec) for c in at.get("plotly_chart")
+             if json.loads(c.proto.spec)["layout"].get("xaxis", {}).get("type") == "log"]
+    assert sweep and len(_arr(sweep[0]["data"][0]["x"])) == 8
