@@ -16,12 +16,12 @@ import streamlit as st  # noqa: E402
 
 from pages._common import run_picker  # noqa: E402
 
-st.set_page_config(page_title="Diffusion data attribution", page_icon="🔎", layout="wide")
+st.set_page_config(page_title="Diffusion data attribution", page_icon=":material/image_search:", layout="wide")
 run_picker()
 st.navigation([
-    st.Page("pages/model_data.py", title="Model & data", icon="🗂️", default=True, url_path="model"),
-    st.Page("pages/sample.py", title="Sample", icon="🎲", url_path="sample"),
-    st.Page("pages/attribute.py", title="Attribute", icon="🔎", url_path="attribute"),
-    st.Page("pages/compare.py", title="Compare", icon="⚖️", url_path="compare"),
-    st.Page("pages/lds.py", title="LDS diagnostics", icon="📈", url_path="lds"),
+    st.Page("pages/model_data.py", title="Model & data", icon=":material/dataset:", default=True, url_path="model"),
+    st.Page("pages/sample.py", title="Sample", icon=":material/casino:", url_path="sample"),
+    st.Page("pages/attribute.py", title="Attribute", icon=":material/image_search:", url_path="attribute"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
+    st.Page("pages/lds.py", title="LDS diagnostics", icon=":material/monitoring:", url_path="lds"),
 ]).run()

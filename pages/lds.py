@@ -48,7 +48,7 @@ truths = list_ground_truth(run)
 if not truths:
     st.info("This run has no LDS ground truth yet (retrained models measured on its queries). Build it "
             "from a terminal (resumable; progress appears here):")
-    st.code(BUILD_CMD, language="bash")
+    st.code(BUILD_CMD, language="bash", wrap_lines=True)
     lds_progress_panel()
     st.stop()
 

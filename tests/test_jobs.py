@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from attribution import jobs
 from attribution.runs import read_json, write_json
@@ -135,3 +136,20 @@ def test_cli_runs_a_job_in_the_foreground_and_lists_it(run_copy):
     out = subprocess.run([sys.executable, "-m", "attribution.jobs", "list", "--run", str(run_copy.path)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0 and "failed" in out.stdout
+
+
+def test_influence_job_saves_the_engine_scores(run_copy):
+    influence = pytest.importorskip("attribution.influence")
+    settings = {"method": "kfac", "fisher": "mc", "kfac_type": "expand", "damping": 1e-6, "measurement": "loss",
+                "train_draws": 4, "query_draws": 4, "factor_draws": 2}
+    args = {"settings": settings, "query_set": "queries", "query_indices": [0, 2]}
+    state = jobs.execute("influence", run_copy.path, args)
+    assert state["status"] == "done", state
+    assert state["result"] == {"shape": [2, 16]}
+    assert any("factors" in s.lower() for s in state["stages"]) and any("store" in s.lower() for s in state["stages"])
+    saved = jobs.load_result(run_copy.path, state["id"])
+    direct = influence.influence_scores(run_copy, "queries", [0, 2], influence.InfluenceSettings(**settings))
+    assert saved.shape == (2, 16)
+    assert torch.allclose(saved, direct.float(), rtol=1e-5, atol=1e-8)
+    bad = jobs.execute("influence", run_copy.path, {**args, "query_indices": [99]})
+    assert bad["status"] == "failed" and "out of range" in bad["error"]
