@@ -51,7 +51,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--run", required=True, help="run directory (with a trained model and sample sets)")
     p.add_argument("--samples", default="queries",
                    help="sample set holding the query images, in RUN/samples/ (default: %(default)s)")
-    p.add_argument("--query", default="0", help="query indices in the sample set: 0,1,2 or 0-3 (default: %(default)s)")
+    p.add_argument("--query", default="0",
+                   help="query indices in the sample set: 0,1,2 or 0-3 (default: %(default)s)")
     p.add_argument("--method", default="kfac", choices=METHODS,
                    help="kfac: K-FAC influence (the paper's method); ekfac: eigenvalue-corrected K-FAC; "
                         "trak / dtrak: TRAK / D-TRAK baselines; clip: CLIP-embedding cosine; pixel: raw-pixel "

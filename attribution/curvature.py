@@ -24,7 +24,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor

@@ -273,7 +273,8 @@ def query_gradients(run, query_set: str, indices: Sequence[int], m: Measurement,
             if progress is not None:
                 progress(start + len(part), len(missing), f"query gradients ({m})")
         order = sorted(have)
-        save_tensors(d / "grads.safetensors", {"indices": torch.tensor(order), "grads": torch.stack([have[i] for i in order])},
+        save_tensors(d / "grads.safetensors",
+                     {"indices": torch.tensor(order), "grads": torch.stack([have[i] for i in order])},
                      {"measurement": str(m), "draws": draws, "seed": seed})
     return torch.stack([have[i] for i in idx])
 
@@ -303,13 +304,23 @@ def influence_scores(run, query_set: str, query_indices: Sequence[int], settings
     c = _CACHE.get(run)
     unet, schedule = _model(run, c)
     m = settings.gradient_measurement
-    qgrads = query_gradients(run, query_set, query_indices, m, settings.query_draws, settings.seed, progress)
-    pre = preconditioner(run, settings, progress)
-    blocks = int8_blocks([p.numel() for p in kfac_parameters(unet)])
-    pq = precondition_queries(pre, qgrads, settings.compress_queries, blocks)
+    idx = tuple(int(i) for i in query_indices)
+    pq_key = ("pq", query_set, idx, str(m), settings.query_draws, settings.seed, settings.compress_queries,
+              tuple(sorted(settings.curvature().key().items())), settings.damping)
+    score_key = ("scores", pq_key, settings.train_draws, settings.store_dtype, settings.store_budget_bytes)
+    lru = c.setdefault("lru", {})
+    if score_key in lru:
+        return lru[score_key].clone()
+    pq = lru.get(pq_key)
+    if pq is None:
+        qgrads = query_gradients(run, query_set, idx, m, settings.query_draws, settings.seed, progress)
+        pre = preconditioner(run, settings, progress)
+        blocks = int8_blocks([p.numel() for p in kfac_parameters(unet)])
+        pq = precondition_queries(pre, qgrads, settings.compress_queries, blocks).float()
+        _remember(lru, pq_key, pq)
     store = gradient_store(run, settings, progress)
     if store is not None:
-        scores = store.score(pq.float())
+        scores = store.score(pq)
         if store.n != scores.shape[1]:
             raise UserError("the gradient store does not match the training set; delete it and rebuild")
     else:
@@ -324,8 +335,18 @@ def influence_scores(run, query_set: str, query_indices: Sequence[int], settings
                 if progress is not None:
                     progress(stop, n, "streaming training gradients")
 
-        scores = score_chunks(pq.float(), chunks())
-    return check_scores(scores)
+        scores = score_chunks(pq, chunks())
+    check_scores(scores)
+    _remember(lru, score_key, scores)
+    return scores.clone()
+
+
+def _remember(lru: dict, key, value, size: int = 24) -> None:
+    """Insert into a small in-process LRU (dicts keep insertion order)."""
+    lru.pop(key, None)
+    lru[key] = value
+    while len(lru) > size:
+        lru.pop(next(iter(lru)))
 
 
 def run_training_table(run) -> list[dict]:

@@ -26,8 +26,8 @@ transition of the trajectory density.
 
 Common random numbers: the (t, eps) draws of example i depend only on (seed, i), never on the
 model, the batch size or the chunking; the same seed gives the same draws for every model
-(needed for LDS ground truth). ``offset`` shifts i for callers that pass a slice of a dataset (an int), or gives each
-image's global index (a sequence).
+(needed for LDS ground truth). ``offset`` shifts i for callers that pass a slice of a dataset
+(an int), or gives each image's global index (a sequence).
 """
 
 from __future__ import annotations

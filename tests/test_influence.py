@@ -18,7 +18,7 @@ from attribution.curvature import (
     curvlinops_operator,
     dense_ggn,
 )
-from attribution.ddpm import FlatEpsNet, build_unet, linear_schedule
+from attribution.ddpm import FlatEpsNet
 from attribution.errors import UserError
 from attribution.gradients import (
     GradientStore,
@@ -146,7 +146,8 @@ def test_int8_store_with_per_tensor_scales(micro_grads, tmp_path):
     ref_grads = per_example_gradients(unet, s, many, Measurement("loss"), 4, 0).double()
     ref = pq @ ref_grads.T
     for dtype in ("float16", "int8"):
-        st = build_gradient_store(tmp_path / dtype, unet, s, many, Measurement("loss"), 4, 0, dtype=dtype, chunk_size=16)
+        st = build_gradient_store(tmp_path / dtype, unet, s, many, Measurement("loss"), 4, 0, dtype=dtype,
+                                  chunk_size=16)
         torch.testing.assert_close(st.rows(0, 64).double(), ref_grads, rtol=0,
                                    atol=float(ref_grads.abs().max()) * (1e-3 if dtype == "float16" else 1e-2))
         assert _mean_spearman(st.score(pq.float()), ref) >= 0.99, dtype
