@@ -341,6 +341,31 @@ def influence_scores(run, query_set: str, query_indices: Sequence[int], settings
     return scores.clone()
 
 
+def influence_status(run, query_set: str, query_indices: Sequence[int], settings: InfluenceSettings) -> dict:
+    """Which artifacts :func:`influence_scores` would reuse: ``{"store", "factors",
+    "query_gradients": bool}`` (all True = scoring takes about a second; otherwise run it as a
+    background job with a progress callback). Builds nothing."""
+    from attribution.runs import load_tensors
+
+    c = _CACHE.get(run)
+    unet, _ = _model(run, c)
+    p = num_parameters(kfac_parameters(unet))
+    args = {"measurement": str(TRAINING_LOSS), "draws": settings.train_draws, "seed": settings.seed,
+            "dtype": settings.store_dtype, "params": "kfac", "p": p}
+    d = run.artifact_dir("grad_store", args)
+    store_ok = (d / "progress.json").exists() and (d / "store.json").exists() and GradientStore(d).complete
+    factors_ok = (run.artifact_dir("curvature", settings.curvature().key()) / "factors.safetensors").exists()
+    _, _, digest = _samples(run, query_set, c)
+    m = settings.gradient_measurement
+    qd = run.artifact_dir("query_grads", {"samples": query_set, "samples_digest": digest, "measurement": str(m),
+                                          "draws": settings.query_draws, "seed": settings.seed})
+    q_ok = False
+    if (qd / "grads.safetensors").exists():
+        have = set(load_tensors(qd / "grads.safetensors")[0]["indices"].tolist())
+        q_ok = set(int(i) for i in query_indices) <= have
+    return {"store": bool(store_ok), "factors": factors_ok, "query_gradients": q_ok}
+
+
 def _remember(lru: dict, key, value, size: int = 24) -> None:
     """Insert into a small in-process LRU (dicts keep insertion order)."""
     lru.pop(key, None)
