@@ -40,7 +40,7 @@ def _tqdm_progress():
         if bar is None:
             for b in bars.values():
                 b.close()
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step" if stage == "train" else "meas",
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="meas" if stage == "measure" else "step",
                                      initial=done, dynamic_ncols=True)
         bar.total = total
         bar.update(done - bar.n)
