@@ -8,7 +8,7 @@ from attribution.app_state import (SIGN_LEGEND, export_csv, export_json, gallery
                                    rank_of, scores_table, top_k_simple)
 from attribution.jobs import job_id
 from attribution.jobs import status as job_status
-from pages._common import (available, current_run, dataset, ensure_job, image_grid, model_fingerprint,
+from app_pages._common import (available, current_run, dataset, ensure_job, image_grid, model_fingerprint,
                            require_model, running_job, samples, user_errors)
 
 MEASURE_LABELS = {"loss": "loss", "lt": "l_t (one timestep)", "elbo": "ELBO", "elbo-simple": "simplified ELBO",
@@ -35,32 +35,33 @@ with left:
     s = samples(run, qset)
     n_q = len(s["images"])
     default_q = min(picked.get("indices", [0])[0], n_q - 1) if picked.get("set") == qset else 0
-    q = st.selectbox("Query sample", list(range(n_q)), index=default_q, key="a_q", bind="query-params",
-                     format_func=lambda i: f"{qset}[{i}]")
+    q = st.selectbox("Query sample (index in the set)", list(range(n_q)), index=default_q, key="a_q",
+                     bind="query-params")
     image_grid(s["images"][q:q + 1], [f"query {qset}[{q}]"], columns=1, size=160)
 
     st.markdown("#### Settings")
-    measurement = st.selectbox("Measurement (attributed)", list(MEASURE_LABELS), format_func=MEASURE_LABELS.get,
-                               key="a_m", bind="query-params")
+    # URL-bound widgets keep the CLI's names as options: the link shows ?a_m=elbo, not a label
+    measurement = st.selectbox("Measurement (attributed)", list(MEASURE_LABELS), key="a_m", bind="query-params",
+                               help=" · ".join(f"{k_}: {v}" for k_, v in MEASURE_LABELS.items()))
     timestep = None
     if measurement == "lt":
         timestep = st.slider("Timestep t (0-indexed)", 0, T - 1, 499, key="a_t", bind="query-params")
     approx = st.selectbox("Measurement used in the approximation", ["same"] + list(MEASURE_LABELS),
-                          format_func=lambda m: "same as attributed" if m == "same" else MEASURE_LABELS[m],
                           key="a_am", bind="query-params",
-                          help="paper Fig. 2b: the loss's gradient predicts the ELBO's change better than its own")
+                          help="same = the attributed one; paper Fig. 2b: the loss's gradient predicts the "
+                               "ELBO's change better than the ELBO's own")
     approx_t = None
     if approx == "lt":
         approx_t = st.slider("Approximation timestep", 0, T - 1, timestep if timestep is not None else 499,
                              key="a_at", bind="query-params")
-    method = st.radio("Hessian", ["kfac", "ekfac"], format_func={"kfac": "K-FAC", "ekfac": "EK-FAC"}.get,
-                      key="a_h", bind="query-params", horizontal=True)
+    method = st.radio("Hessian", ["kfac", "ekfac"], key="a_h", bind="query-params", horizontal=True,
+                      help="kfac: K-FAC · ekfac: EK-FAC (K-FAC eigenbasis, re-fitted eigenvalues)")
     fisher = st.radio("Curvature", ["mc", "empirical"], key="a_f", bind="query-params", horizontal=True,
-                      format_func={"mc": "MC-Fisher (GGN)", "empirical": "empirical Fisher"}.get)
+                      help="mc: MC-Fisher = GGN (the paper's) · empirical: empirical Fisher (TRAK's implicit one)")
     kfac_type = st.radio("K-FAC weight sharing", ["expand", "reduce"], key="a_kt", bind="query-params",
                          horizontal=True)
     damping = st.select_slider("Damping λ (log scale)", log_damping_options(), value=1e-8, key="a_d",
-                               bind="query-params", format_func=lambda v: f"{v:.0e}")
+                               bind="query-params", format_func=lambda v: f"{v:.1e}")
     k = st.slider("Top-k", 1, 32, 8, key="a_k", bind="query-params")
     with st.expander("Monte-Carlo draws"):
         train_draws = st.number_input("Draws per training gradient", 1, 1000, 32, key="a_td")
@@ -83,6 +84,7 @@ with right:
     if not available("influence"):
         st.info("The influence engine (attribution/influence.py) is not available yet.")
     else:
+        from attribution import influence
         from attribution.influence import InfluenceSettings, top_k
 
         with user_errors():
@@ -92,10 +94,16 @@ with right:
             if other is not None and other["args"] != args:
                 st.info("Another influence build is running for this run; these settings are scored when it "
                         "finishes (the shared artifacts are reused).")
-                from pages._common import job_progress
+                from app_pages._common import job_progress
 
                 job_progress(str(run.path), other["id"], "influence (other settings)")
             else:
+                done = job_status(run.path, job_id("influence", args))
+                if (done is None or done["status"] != "done") and hasattr(influence, "influence_status"):
+                    have = influence.influence_status(run, qset, [int(q)], InfluenceSettings(**settings))
+                    if not all(have.values()):
+                        st.caption("Cached: " + (", ".join(k_ for k_, v in have.items() if v) or "nothing yet")
+                                   + " · to build: " + ", ".join(k_ for k_, v in have.items() if not v))
                 state, scores = ensure_job(run, "influence", args, "K-FAC influence", wait_s=2.5)
                 if scores is not None:
                     scores_row = scores[0]

@@ -8,7 +8,7 @@ import streamlit as st
 from attribution.app_state import comparison_matrices, export_csv, gallery_rows, top_k_simple
 from attribution.jobs import job_id
 from attribution.jobs import status as job_status
-from pages._common import (available, current_run, dataset, ensure_job, image_grid, model_fingerprint,
+from app_pages._common import (available, current_run, dataset, ensure_job, image_grid, model_fingerprint,
                            require_model, running_job, samples, user_errors)
 
 METHODS = {"influence": "K-FAC influence (Attribute settings)", "trak": "TRAK", "dtrak": "D-TRAK",

@@ -10,7 +10,7 @@ import streamlit as st
 
 from attribution.jobs import job_id
 from attribution.jobs import status as job_status
-from pages._common import (available, current_run, ensure_job, model_fingerprint, require_model, running_job,
+from app_pages._common import (available, current_run, ensure_job, model_fingerprint, require_model, running_job,
                            user_errors)
 
 st.title("LDS diagnostics")

@@ -8,7 +8,7 @@ import streamlit as st
 
 from attribution import jobs
 from attribution.runs import default_runs_root
-from pages._common import (current_run, dataset, device_name, ensure_job, image_grid, samples,
+from app_pages._common import (current_run, dataset, device_name, ensure_job, image_grid, samples,
                            user_errors)
 
 st.title("Model & data")

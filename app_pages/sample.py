@@ -3,7 +3,7 @@
 import streamlit as st
 
 from attribution.app_state import UPLOAD_TYPES, save_upload, validate_upload
-from pages._common import (current_run, dataset, device_name, ensure_job, image_grid, require_model,
+from app_pages._common import (current_run, dataset, device_name, ensure_job, image_grid, require_model,
                            samples, user_errors)
 
 st.title("Sample")

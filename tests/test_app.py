@@ -167,7 +167,7 @@ def test_train_new_model_validates_name_and_trains_in_background(app, tmp_path):
 
 
 def test_sample_page_draws_with_trajectories(app, app_run):
-    at = app("pages/sample.py")
+    at = app("app_pages/sample.py")
     assert "cpu" in _texts(at.caption)
     at.text_input(key="s_name").set_value("bad/name")
     at.button[0].click().run()
@@ -186,7 +186,7 @@ def test_sample_page_draws_with_trajectories(app, app_run):
 
 
 def test_sample_page_picks_queries(app):
-    at = app("pages/sample.py")
+    at = app("app_pages/sample.py")
     at.selectbox(key="s_qset").set_value("queries").run()
     at.multiselect(key="s_qidx").set_value([1, 2]).run()
     at.button(key="s_use").click().run()
@@ -200,14 +200,14 @@ def test_sample_page_picks_queries(app):
     ("wide.png", _png(np.zeros((8, 16), np.uint8)), "square"),
 ])
 def test_upload_rejects_bad_images(app, name, data, message):
-    at = app("pages/sample.py")
+    at = app("app_pages/sample.py")
     at.file_uploader(key="s_upload").upload(name, data, "image/png").run()
     assert not at.exception
     assert message in _texts(at.error)
 
 
 def test_upload_valid_image_becomes_query(app, app_run):
-    at = app("pages/sample.py")
+    at = app("app_pages/sample.py")
     img = np.zeros((32, 32), np.uint8)
     img[8:24, 12:20] = 255  # a thick "1" (columns 3 and 4 after area-downsampling to 8x8)
     at.file_uploader(key="s_upload").upload("one.png", _png(img), "image/png").run()
@@ -228,7 +228,7 @@ def _gallery_captions(at) -> list[str]:
 
 def test_attribute_page_scores_then_rescored_quickly(app, app_run):
     pytest.importorskip("attribution.influence")
-    at = app("pages/attribute.py")
+    at = app("app_pages/attribute.py")
     at.toggle(key="a_b").set_value(False).run()  # baselines: own test
     _wait_all(app_run.path, timeout=300)  # first build: store + factors + query gradients
     at.run()
@@ -252,7 +252,7 @@ def test_attribute_page_bad_measurement_for_query_shows_error(app, app_run):
     pytest.importorskip("attribution.influence")
     images = app_run.load_samples("queries")[0]["images"][:1]
     app_run.save_samples("notraj", images, None, {"seed": 0})
-    at = app("pages/attribute.py")
+    at = app("app_pages/attribute.py")
     at.selectbox(key="a_set").set_value("notraj").run()
     at.selectbox(key="a_m").set_value("trajectory").run()
     _wait_all(app_run.path, timeout=300)
@@ -282,7 +282,7 @@ def test_page_settings_come_from_the_url(app_run, monkeypatch):
 def test_compare_page_overlap_and_correlation(app, app_run):
     pytest.importorskip("attribution.influence")
     pytest.importorskip("attribution.baselines")
-    at = app("pages/compare.py")
+    at = app("app_pages/compare.py")
     at.multiselect(key="c_m").set_value(["influence", "pixel"]).run()
     _wait_all(app_run.path, timeout=300)
     at.run()
@@ -301,7 +301,7 @@ def test_compare_page_overlap_and_correlation(app, app_run):
 
 
 def test_lds_page_without_ground_truth_shows_the_build_command(app):
-    at = app("pages/lds.py")
+    at = app("app_pages/lds.py")
     assert not at.exception
     assert "no LDS ground truth" in _texts(at.info)
     assert "attribution lds --run" in " ".join(c.value for c in at.code)
@@ -327,7 +327,7 @@ def test_lds_page_with_ground_truth(lds_run, monkeypatch, tmp_path):
     monkeypatch.setenv("ATTRIBUTION_RUN", str(lds_run.path))
     monkeypatch.setenv("ATTRIBUTION_RUNS", str(tmp_path))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
-    at.switch_page("pages/lds.py").run()
+    at.switch_page("app_pages/lds.py").run()
     at.multiselect(key="l_methods").set_value(["influence"]).run()
     _wait_all(lds_run.path, timeout=300)
     at.run()
