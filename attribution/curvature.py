@@ -48,7 +48,10 @@ class FisherKind(str, Enum):
     """Which curvature K-FAC approximates (Mlodozeniec et al. 2025 §3, method.md §3)."""
 
     MC = "mc"  # GGN-model / MC Fisher: labels drawn from the model's Gaussian (the paper's choice)
-    EMPIRICAL = "empirical"  # GGN-loss / empirical Fisher (what TRAK and D-TRAK use implicitly)
+    # GGN-loss / empirical Fisher (what TRAK and D-TRAK use implicitly). Note: curvlinops forms it
+    # from per-row gradients, one row per (x_n, t, eps) draw, not from the MC-averaged per-example
+    # gradients E_n[grad l_n grad l_n^T] of method.md §3 (which would need per-example K-FAC).
+    EMPIRICAL = "empirical"
     TYPE2 = "type-2"  # exact output Hessian: D backward passes per batch (references and tests)
 
 
