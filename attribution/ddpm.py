@@ -246,7 +246,10 @@ def load_pretrained(path_or_id: str):
     Offline (or a wrong id) fails fast with a one-line :class:`UserError`.
     """
     from diffusers import UNet2DModel
+    from diffusers.utils import logging as diffusers_logging
 
+    # diffusers' multi-line "install accelerate" notice would break one-line CLI output
+    diffusers_logging.set_verbosity_error()
     p = Path(path_or_id)
     if p.exists():
         sub = p / "unet" if (p / "unet" / "config.json").exists() else p
