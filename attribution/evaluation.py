@@ -7,7 +7,7 @@ Layout inside a run directory::
     lds/<job-key>/full_model/measurements/   the original model's measurements (same draws)
     lds/<job-key>/progress_<shard>.json      {"stage", "done", "total", "eta_s", ...}
     lds/cf-<job-key>/<method>_q<q>_seed_<r>_<hash>/   counterfactual retrained runs
-    lds_truth/<job-key>/<meas-key>.safetensors   assembled ground truth (masks, values, base)
+    lds_truth/<job-key>/<meas-key>_M<M>_R<R>.safetensors   assembled ground truth (masks, values, base)
 
 The job key hashes only what changes the retrained models (model fingerprint, training recipe,
 alpha, subset seed, steps), so a job can be extended with more subsets or seeds, and measured
@@ -351,7 +351,7 @@ def truth_dir(run: Run, job: LDSJob) -> Path:
 def collect_ground_truth(run: Run, job: LDSJob, save: bool = True) -> dict[str, GroundTruth]:
     """Assemble ``{measurement: GroundTruth}`` from the measured models (all must be measured).
 
-    With ``save``, each is written to ``lds_truth/<job-key>/<meas-key>.safetensors``.
+    With ``save``, each is written to ``lds_truth/<job-key>/<meas-key>_M<M>_R<R>.safetensors``.
     """
     jd = job_dir(run, job)
     masks = subset_masks(run, job)
@@ -379,7 +379,8 @@ def collect_ground_truth(run: Run, job: LDSJob, save: bool = True) -> dict[str, 
             tensors = {"masks": masks.to(torch.uint8), "values": gt.values}
             if base is not None:
                 tensors["base"] = base
-            save_tensors(truth_dir(run, job) / name, tensors, meta)
+            save_tensors(truth_dir(run, job) / f"{Path(name).stem}_M{job.num_subsets}_R{job.num_seeds}.safetensors",
+                         tensors, meta)
     return out
 
 

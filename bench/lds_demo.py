@@ -351,6 +351,16 @@ def markdown(res: dict) -> str:
         d = r.get("damping")
         at = f"{r['lds_at_1e-8']:.3f} ± {r['sem_at_1e-8']:.3f}" if "lds_at_1e-8" in r else ""
         lines.append(f"| {name} | {at} | {r['lds']:.3f} ± {r['sem']:.3f} | {'' if d is None else f'{d:.0e}'} |")
+    expected = [f"{a} {f} {k}" for a in ("K-FAC", "EK-FAC") for f in ("mc", "empirical") for k in ("expand", "reduce")]
+    expected += ["TRAK", "D-TRAK", "pixel cosine", "CLIP cosine"]
+    missing = [m for m in expected if m not in res.get("methods", {})]
+    if missing:
+        lines += ["", f"Not computed (no cached score matrix when the table was made): {', '.join(missing)}."]
+    if "seeded" in res:
+        ex = res["seeded"]["methods"]["exact retraining"]
+        lines += ["", f"Exact-retraining reference (one seed against the other): {ex['lds']:.3f} ± {ex['sem']:.3f}. "
+                  "Near 0 means the ground truth at this scale is dominated by training-seed noise, so no method "
+                  "can score above noise here."]
     if "seeded" in res:
         sd = res["seeded"]
         lines += ["", f"## Sub-benchmark with {sd['num_seeds']} seeds per subset ({sd['num_subsets']} subsets)", "",
