@@ -146,7 +146,7 @@ def test_attribute_deep_link_and_baselines(page, server):
 
 @pytest.mark.parametrize("path, heading, marker", [
     ("", "Model & data", "Training curve"), ("sample", "Sample", "Upload a query image"),
-    ("compare", "Compare methods", "Galleries aligned by rank"), ("lds", "LDS diagnostics", "LDS ground truth")])
+    ("compare", "Compare methods", "Influence settings (from the Attribute page)"), ("lds", "LDS diagnostics", "LDS ground truth")])
 def test_pages_open(page, server, path, heading, marker):
     _open(page, f"{server}/{path}", heading)
     page.get_by_text(marker).first.wait_for(timeout=120_000)
