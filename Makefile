@@ -23,14 +23,15 @@ app: $(STAMP)
 
 ## Default test tier (fast; no slow or browser tests).
 test: $(STAMP)
-	$(PYTEST) -q
+	OMP_NUM_THREADS=1 $(PYTEST) -q
 
 test-slow: $(STAMP)
 	$(PYTEST) -q -m slow
 
+## Headless-Chromium test of the served app (Debian chromium; no browser download).
 test-browser: $(STAMP)
-	$(BIN)/python -m playwright --version >/dev/null
-	$(PYTEST) -q -m browser
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+	$(PYTEST) -q -m browser -s
 
 test-all: test test-slow test-browser
 
