@@ -41,8 +41,15 @@ demo-run: $(STAMP)
 	    --steps 4000 --seed 0 --out $(DEMO)
 	$(BIN)/attribution sample --run $(DEMO) -n 16 --seed 0 --trajectory --name queries
 
+## Benchmarks (results in bench/results/); minutes each on 2 CPU cores.
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	OMP_NUM_THREADS=2 $(BIN)/python bench/bench_foundation.py --threads 1 2 --sample-steps 30
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_influence.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_baselines.py
+
+## LDS ground truth + table for the demo run (resumable; hours on 2 CPU cores).
+lds-demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/lds_demo.py
 
 clean-venv:
 	rm -rf $(VENV)
