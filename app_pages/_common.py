@@ -128,15 +128,27 @@ def upscale(img: np.ndarray, size: int = 96) -> np.ndarray:
     return img.repeat(f, axis=0).repeat(f, axis=1)
 
 
-def image_grid(images, captions: list[str], columns: int = 8, size: int = 96) -> None:
-    """``images``: float ``[n,C,H,W]`` in [-1, 1] or uint8 ``[n,H,W(,C)]``."""
+def _select_detail(state_key: str, index: int) -> None:
+    st.session_state[state_key] = index
+
+
+def image_grid(images, captions: list[str], columns: int = 8, size: int = 96,
+               indices: Optional[list[int]] = None, detail_key: Optional[str] = None, key_prefix: str = "") -> None:
+    """``images``: float ``[n,C,H,W]`` in [-1, 1] or uint8 ``[n,H,W(,C)]``.
+
+    With ``indices`` and ``detail_key``, each image gets a "details" button that sets
+    ``st.session_state[detail_key]`` to its training index (st.image itself is not clickable).
+    """
     arr = images if isinstance(images, np.ndarray) else images_uint8(images)
     if arr.ndim == 4 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     for start in range(0, len(arr), columns):
         cols = st.columns(columns)
-        for col, img, cap in zip(cols, arr[start:start + columns], captions[start:start + columns]):
+        for j, (col, img, cap) in enumerate(zip(cols, arr[start:start + columns], captions[start:start + columns])):
             col.image(upscale(img, size), caption=cap, width=size)
+            if indices is not None and detail_key is not None:
+                col.button("details", key=f"{key_prefix}_{start + j}", on_click=_select_detail,
+                           args=(detail_key, int(indices[start + j])), type="tertiary")
 
 
 # ----------------------------------------------------------------------------- jobs

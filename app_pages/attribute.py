@@ -119,7 +119,8 @@ with right:
             items = top[group]
             image_grid(ds.images[[i for i, _ in items]],
                        [f"#{r} · {ds.ids[i].split(':')[-1]} · {ds.label_name(int(ds.labels[i]))} · τ={v:.3g}"
-                        for r, (i, v) in enumerate(items, 1)], columns=8, size=72)
+                        for r, (i, v) in enumerate(items, 1)], columns=8, size=72,
+                       indices=[i for i, _ in items], detail_key="a_detail", key_prefix=f"d_{group}")
 
 # ----------------------------------------------------------------------------- baselines
 baseline_scores = {}
@@ -151,13 +152,16 @@ if show_baselines:
                 items = btop["positive"]
                 image_grid(ds.images[[i for i, _ in items]],
                            [f"#{r} · {ds.ids[i].split(':')[-1]} · {ds.label_name(int(ds.labels[i]))} · {v:.3g}"
-                            for r, (i, v) in enumerate(items, 1)], columns=8, size=56)
+                            for r, (i, v) in enumerate(items, 1)], columns=8, size=56,
+                           indices=[i for i, _ in items], detail_key="a_detail", key_prefix=f"d_{name}")
 
 # ----------------------------------------------------------------------------- details and export
 if rows:
     st.markdown("#### Details")
     shown = sorted({r["index"] for r in rows})
-    pick = st.selectbox("Inspect a training image (click-free: choose it here)", shown, key="a_detail",
+    if st.session_state.get("a_detail") not in shown:
+        st.session_state.pop("a_detail", None)
+    pick = st.selectbox("Inspect a training image (or press \"details\" under any image)", shown, key="a_detail",
                         format_func=lambda i: f"{ds.ids[i]} (label {ds.label_name(int(ds.labels[i]))})")
     c1, c2 = st.columns([1, 3])
     with c1:

@@ -246,6 +246,15 @@ def test_attribute_page_scores_then_rescored_quickly(app, app_run):
     last = at.session_state["attr_last"]
     assert last["args"]["settings"]["damping"] == 1e-3
     assert last["seconds"] < 5.0  # re-scoring, not rebuilding
+    # clicking "details" under the last gallery image opens it in the details panel
+    default_pick = at.selectbox(key="a_detail").value
+    detail_buttons = [b for b in at.button if str(b.key).startswith("d_")]
+    assert len(detail_buttons) >= 8, [b.key for b in at.button]
+    detail_buttons[-1].click().run()
+    assert not at.exception, at.exception
+    picked = at.session_state["a_detail"]
+    assert picked != default_pick and at.selectbox(key="a_detail").value == picked
+    assert any(f"index **{picked}**" in m.value for m in at.markdown)
 
 
 def test_attribute_page_bad_measurement_for_query_shows_error(app, app_run):
