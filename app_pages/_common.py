@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from pathlib import Path
 from typing import Optional
 
@@ -68,9 +67,30 @@ def device_name() -> str:
     return f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
 
 
-def available(module: str) -> bool:
-    """Whether ``attribution.<module>`` exists (other parts of the tool land over time)."""
-    return importlib.util.find_spec(f"attribution.{module}") is not None
+def method_scores(run, methods: dict[str, str], settings: dict, query_set: str, query_indices: list[int],
+                  key_prefix: str, label_suffix: str = "") -> dict:
+    """Scores ``[Q, N]`` of each method in ``methods`` (name -> label) that are ready.
+
+    "influence" runs the K-FAC engine with ``settings``; any other name is a baseline. Missing
+    artifacts are built by background jobs, one at a time (2 CPU cores); the others show "queued".
+    """
+    fp = model_fingerprint(run)
+    scores = {}
+    busy = running_job(run, "influence") or running_job(run, "baseline")
+    for m, label in methods.items():
+        common = {"query_set": query_set, "query_indices": [int(i) for i in query_indices], "model": fp}
+        kind, args = ("influence", {"settings": settings, **common}) if m == "influence" \
+            else ("baseline", {"method": m, **common})
+        if busy is not None and busy["args"] != args and jobs.status(run.path, jobs.job_id(kind, args)) is None:
+            st.caption(f"{label}: queued (one build at a time)")
+            continue
+        with user_errors():
+            state, s = ensure_job(run, kind, args, label + label_suffix, wait_s=1.0, key=f"{key_prefix}_{m}")
+            if state is not None and state["status"] == "running":
+                busy = state
+            if s is not None:
+                scores[m] = s
+    return scores
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from attribution.app_state import (SIGN_LEGEND, export_csv, export_json, gallery
                                    rank_of, scores_table, top_k_simple)
 from attribution.jobs import job_id
 from attribution.jobs import status as job_status
-from app_pages._common import (available, current_run, dataset, ensure_job, image_grid, model_fingerprint,
+from app_pages._common import (current_run, dataset, ensure_job, image_grid, model_fingerprint,
                            require_model, running_job, samples, user_errors)
 
 MEASURE_LABELS = {"loss": "loss", "lt": "l_t (one timestep)", "elbo": "ELBO", "elbo-simple": "simplified ELBO",
@@ -81,35 +81,32 @@ export_settings = {"run": str(run.path), "model": fp, "query_set": qset, "query"
 rows, scores_row, top = [], None, None
 with right:
     st.caption(SIGN_LEGEND)
-    if not available("influence"):
-        st.info("The influence engine (attribution/influence.py) is not available yet.")
-    else:
-        from attribution import influence
-        from attribution.influence import InfluenceSettings, top_k
+    from attribution import influence
+    from attribution.influence import InfluenceSettings, top_k
 
-        with user_errors():
-            full = asdict(InfluenceSettings(**settings))  # validates the settings (UserError on bad ones)
-            args = {"settings": full, "query_set": qset, "query_indices": [int(q)], "model": fp}
-            other = running_job(run, "influence")
-            if other is not None and other["args"] != args:
-                st.info("Another influence build is running for this run; these settings are scored when it "
-                        "finishes (the shared artifacts are reused).")
-                from app_pages._common import job_progress
+    with user_errors():
+        full = asdict(InfluenceSettings(**settings))  # validates the settings (UserError on bad ones)
+        args = {"settings": full, "query_set": qset, "query_indices": [int(q)], "model": fp}
+        other = running_job(run, "influence")
+        if other is not None and other["args"] != args:
+            st.info("Another influence build is running for this run; these settings are scored when it "
+                    "finishes (the shared artifacts are reused).")
+            from app_pages._common import job_progress
 
-                job_progress(str(run.path), other["id"], "influence (other settings)")
-            else:
-                done = job_status(run.path, job_id("influence", args))
-                if (done is None or done["status"] != "done") and hasattr(influence, "influence_status"):
-                    have = influence.influence_status(run, qset, [int(q)], InfluenceSettings(**settings))
-                    if not all(have.values()):
-                        st.caption("Cached: " + (", ".join(k_ for k_, v in have.items() if v) or "nothing yet")
-                                   + " · to build: " + ", ".join(k_ for k_, v in have.items() if not v))
-                state, scores = ensure_job(run, "influence", args, "K-FAC influence", wait_s=2.5)
-                if scores is not None:
-                    scores_row = scores[0]
-                    top = top_k(scores_row, int(k))
-                    rows = gallery_rows(f"{method}-{fisher}-{kfac_type}", top, ds)
-                    st.session_state["attr_last"] = {"args": args, "seconds": state["updated"] - state["started"]}
+            job_progress(str(run.path), other["id"], "influence (other settings)")
+        else:
+            done = job_status(run.path, job_id("influence", args))
+            if (done is None or done["status"] != "done") and hasattr(influence, "influence_status"):
+                have = influence.influence_status(run, qset, [int(q)], InfluenceSettings(**settings))
+                if not all(have.values()):
+                    st.caption("Cached: " + (", ".join(k_ for k_, v in have.items() if v) or "nothing yet")
+                               + " · to build: " + ", ".join(k_ for k_, v in have.items() if not v))
+            state, scores = ensure_job(run, "influence", args, "K-FAC influence", wait_s=2.5)
+            if scores is not None:
+                scores_row = scores[0]
+                top = top_k(scores_row, int(k))
+                rows = gallery_rows(f"{method}-{fisher}-{kfac_type}", top, ds)
+                st.session_state["attr_last"] = {"args": args, "seconds": state["updated"] - state["started"]}
     if top is not None:
         st.markdown(f"#### {'EK-FAC' if method == 'ekfac' else 'K-FAC'} influence on the {MEASURE_LABELS[measurement]}"
                     + (f" (t = {timestep})" if timestep is not None else ""))
@@ -126,9 +123,7 @@ with right:
 baseline_scores = {}
 if show_baselines:
     st.markdown("#### Baselines for the same query (top-k most similar / highest score)")
-    if not available("baselines"):
-        st.info("The baselines (attribution/baselines.py) are not available yet.")
-    elif running_job(run, "influence") is not None:
+    if running_job(run, "influence") is not None:
         st.info("Baselines start once the influence build has finished.")
     else:
         cols = st.columns(2)

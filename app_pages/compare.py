@@ -6,10 +6,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from attribution.app_state import comparison_matrices, export_csv, gallery_rows, top_k_simple
-from attribution.jobs import job_id
-from attribution.jobs import status as job_status
-from app_pages._common import (available, current_run, dataset, ensure_job, image_grid, model_fingerprint,
-                           require_model, running_job, samples, user_errors)
+from app_pages._common import (current_run, dataset, image_grid, method_scores, model_fingerprint, require_model,
+                           samples)
 
 METHODS = {"influence": "K-FAC influence (Attribute settings)", "trak": "TRAK", "dtrak": "D-TRAK",
            "clip": "CLIP cosine", "pixel": "pixel cosine"}
@@ -42,30 +40,7 @@ if not queries or len(methods) < 1:
     st.stop()
 
 fp = model_fingerprint(run)
-scores = {}
-busy = running_job(run, "influence") or running_job(run, "baseline")
-for m in methods:
-    if m == "influence":
-        if not available("influence"):
-            st.info("The influence engine is not available yet.")
-            continue
-        kind, args = "influence", {"settings": settings, "query_set": qset, "query_indices": [int(i) for i in queries],
-                                   "model": fp}
-    else:
-        if not available("baselines"):
-            st.info(f"{METHODS[m]}: the baselines are not available yet.")
-            continue
-        kind, args = "baseline", {"method": m, "query_set": qset, "query_indices": [int(i) for i in queries],
-                                  "model": fp}
-    if busy is not None and busy["args"] != args and job_status(run.path, job_id(kind, args)) is None:
-        st.caption(f"{METHODS[m]}: queued (one build at a time)")
-        continue
-    with user_errors():
-        state, s = ensure_job(run, kind, args, METHODS[m], wait_s=1.0, key=f"c_{m}")
-        if state is not None and state["status"] == "running":
-            busy = state
-        if s is not None:
-            scores[m] = s
+scores = method_scores(run, {m: METHODS[m] for m in methods}, settings, qset, queries, "c")
 
 if len(scores) >= 2:
     names_m, overlap, corr = comparison_matrices(scores, int(k))

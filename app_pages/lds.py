@@ -2,7 +2,7 @@
 actual, per-timestep cross-LDS, measurement stability across retrained models, counterfactuals."""
 
 import json
-from dataclasses import replace
+
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -10,16 +10,12 @@ import streamlit as st
 
 from attribution.jobs import job_id
 from attribution.jobs import status as job_status
-from app_pages._common import (available, current_run, ensure_job, model_fingerprint, require_model, running_job,
+from app_pages._common import (current_run, ensure_job, method_scores, model_fingerprint, require_model, running_job,
                            user_errors)
 
 st.title("LDS diagnostics")
 run = current_run()
 require_model(run)
-if not available("evaluation"):
-    st.info("The evaluation module (attribution/evaluation.py) is not available yet.")
-    st.stop()
-
 from attribution.evaluation import list_ground_truth, load_ground_truth  # noqa: E402
 from attribution.lds import (cross_lds, exact_retraining_lds, lds, model_correlation,  # noqa: E402
                              predicted_vs_actual)
@@ -79,28 +75,8 @@ st.caption("Influence settings (Attribute page, measurement set to the true one)
 # ----------------------------------------------------------------------------- scores of each method
 methods = st.multiselect("Methods", list(METHODS), default=["influence", "trak", "dtrak", "pixel"],
                          format_func=METHODS.get, key="l_methods")
-scores = {}
-busy = running_job(run, "influence") or running_job(run, "baseline")
-for m in methods:
-    if m == "influence":
-        if not available("influence"):
-            st.info("The influence engine is not available yet.")
-            continue
-        kind, args = "influence", {"settings": inf_settings, "query_set": qset, "query_indices": q_all, "model": fp}
-    else:
-        if not available("baselines"):
-            st.info(f"{METHODS[m]}: the baselines are not available yet.")
-            continue
-        kind, args = "baseline", {"method": m, "query_set": qset, "query_indices": q_all, "model": fp}
-    if busy is not None and busy["args"] != args and job_status(run.path, job_id(kind, args)) is None:
-        st.caption(f"{METHODS[m]}: queued (one build at a time)")
-        continue
-    with user_errors():
-        state, s = ensure_job(run, kind, args, f"{METHODS[m]} on all {len(q_all)} queries", wait_s=1.0, key=f"l_{m}")
-        if state is not None and state["status"] == "running":
-            busy = state
-        if s is not None:
-            scores[m] = s
+scores = method_scores(run, {m: METHODS[m] for m in methods}, inf_settings, qset, q_all, "l",
+                       label_suffix=f" on all {len(q_all)} queries")
 
 # ----------------------------------------------------------------------------- LDS per method
 st.subheader(f"LDS on the {measurement}")
@@ -182,8 +158,6 @@ st.subheader("Per-timestep cross-LDS")
 lt_truths = sorted((m for m in by_meas if m.startswith("lt:")), key=lambda m: int(m[3:]))
 if len(lt_truths) < 2:
     st.info("Needs ground truth for at least two per-timestep losses (lt:T); see the command above.")
-elif not available("influence"):
-    st.info("The influence engine is not available yet.")
 else:
     want = st.toggle("Compute the cross-LDS (one influence scoring per timestep)", False, key="l_cross")
     if want:

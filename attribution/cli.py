@@ -68,7 +68,7 @@ def cmd_train(args) -> int:
     try:
         run = train_run(Path(args.out), _dataset_spec(args), cfg, progress=progress)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the last checkpoint is kept. Re-run the same command to resume.", file=sys.stderr)
+        print("\ninterrupted; the last checkpoint is kept. Re-run the same command to resume.", file=sys.stderr)
         return 130
     finally:
         for bar in bars:

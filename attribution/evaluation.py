@@ -23,7 +23,6 @@ half the steps, i.e. the same number of epochs); ``steps=`` overrides it for a c
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -193,7 +192,7 @@ def read_progress(run: Run, job: LDSJob) -> list[dict]:
 @lru_cache(maxsize=4)
 def _dataset_images(spec_json: str) -> Tensor:
     """All images of a dataset spec ``[N, C, H, W]`` (cached: loading mnist5k takes seconds)."""
-    from attribution.data import DatasetSpec, load_dataset
+    from attribution.data import load_dataset
 
     return load_dataset(_spec(json.loads(spec_json))).tensors()
 
