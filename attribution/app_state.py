@@ -7,13 +7,16 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from attribution.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_UPLOAD_SIDE = 2048
@@ -120,7 +123,7 @@ def top_k_simple(scores_row: Tensor, k: int) -> dict:
     return {g: [(int(i), float(s[i])) for i in idx] for g, idx in (("positive", pos), ("negative", neg), ("neutral", neu))}
 
 
-def scores_table(scores_row: Tensor, dataset) -> "pandas.DataFrame":  # noqa: F821
+def scores_table(scores_row: Tensor, dataset) -> "pandas.DataFrame":
     """All training examples with their score (``scores_row``: ``[N]``), highest first."""
     import pandas as pd
 

@@ -27,7 +27,8 @@ def _job_from_args(args):
         canonical_measurement(m) for m in args.measurements.split(",") if m.strip())
     return LDSJob(num_subsets=args.subsets, num_seeds=args.seeds, alpha=args.alpha, subset_seed=args.subset_seed,
                   steps=args.steps, warmup_steps=args.warmup_steps, query_set=args.query_set, measurements=meas, num_draws=args.draws,
-                  measure_seed=args.measure_seed, batch_size=args.batch_size)
+                  measure_seed=args.measure_seed, batch_size=args.batch_size,
+                  paired_seeds=not args.independent_seeds)
 
 
 def _tqdm_progress():
@@ -66,6 +67,8 @@ def _run_workers(args, stages: list[str]) -> int:
             "--seeds", str(args.seeds), "--alpha", str(args.alpha), "--subset-seed", str(args.subset_seed),
             "--query-set", args.query_set, "--draws", str(args.draws), "--measure-seed", str(args.measure_seed),
             "--batch-size", str(args.batch_size), "--stage", args.stage]
+    if args.independent_seeds:
+        base.append("--independent-seeds")
     for flag, value in (("--steps", args.steps), ("--warmup-steps", args.warmup_steps),
                         ("--measurements", args.measurements)):
         if value is not None:
@@ -208,6 +211,9 @@ def add_commands(sub) -> None:
     p.add_argument("--seeds", type=int, default=2, help="R, training seeds per subset (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.5, help="fraction of the data kept (default: %(default)s)")
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the subset draw (default: %(default)s)")
+    p.add_argument("--independent-seeds", action="store_true",
+                   help="give every (subset, seed) its own training seed; by default seed r of every subset "
+                        "shares its initialisation and noise stream (paired seeds: less seed noise in the LDS)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps per retrained model (default: alpha x the run's steps)")
     p.add_argument("--warmup-steps", type=int, default=None,

@@ -78,6 +78,12 @@ class LDSJob:
     num_draws: int = 1000  # MC draws per query and measurement (paper: 5000)
     measure_seed: int = 0  # the same (t, eps) draws for every model
     batch_size: int = 256  # forward-pass batch of the measurements (no effect on values)
+    # Paired seeds: seed r of every subset uses the same initialisation and the same stream of
+    # batch positions, timesteps and noise, so models of different subsets differ only by their
+    # data. Noise common to all subsets then shifts every subset's measurement alike and drops out
+    # of the Spearman correlation across subsets (common random numbers for training). The LDS
+    # target, the seed-averaged measurement, is the same quantity either way.
+    paired_seeds: bool = True
 
     def __post_init__(self):
         if self.num_subsets < 1 or self.num_seeds < 1:
@@ -112,7 +118,8 @@ def job_args(run: Run, job: LDSJob) -> dict:
     return {"dataset": cfg["dataset"], "run_subset": cfg.get("subset"), "train": cfg["train"],
             "alpha": job.alpha, "subset_seed": job.subset_seed, "steps": retrain_steps(run, job),
             "warmup_steps": job.warmup_steps if job.warmup_steps is not None else cfg["train"]["warmup_steps"],
-            "steps_rule": "explicit" if job.steps is not None else "alpha * run steps"}
+            "steps_rule": "explicit" if job.steps is not None else "alpha * run steps",
+            **({"paired_seeds": True} if job.paired_seeds else {})}
 
 
 def job_dir(run: Run, job: LDSJob) -> Path:
@@ -123,9 +130,12 @@ def unit_dir(run: Run, job: LDSJob, m: int, r: int) -> Path:
     return job_dir(run, job) / f"subset_{m}_seed_{r}"
 
 
-def unit_seed(m: int, r: int) -> int:
-    """Training seed of subset m, seed r (distinct from each other and from the usual seed 0)."""
-    return 10_000 * (r + 1) + m
+def unit_seed(m: int, r: int, paired: bool = False) -> int:
+    """Training seed of subset m, seed r (never the usual seed 0).
+
+    Paired: the same for every subset (depends on r only); otherwise distinct for every (m, r).
+    """
+    return 10_000 * (r + 1) + (0 if paired else m)
 
 
 def measurement_key(job: LDSJob, text: str, queries_digest: str) -> str:
@@ -301,7 +311,7 @@ def run_lds_job(
         for m, r in todo:
             step_cb = lambda s, _t, _l, base=finished: rec(base + s, total, "train")  # noqa: E731
             ok = _retrain(run, unit_dir(run, job, m, r), torch.nonzero(masks[m]).flatten().tolist(),
-                          steps, unit_seed(m, r), step_cb, should_stop, device, train_fn, job.warmup_steps)
+                          steps, unit_seed(m, r, job.paired_seeds), step_cb, should_stop, device, train_fn, job.warmup_steps)
             if not ok:
                 return False
             finished += steps

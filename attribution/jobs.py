@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from attribution.errors import UserError
 from attribution.runs import config_hash, read_json, write_json

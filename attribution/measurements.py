@@ -237,7 +237,6 @@ def draw_plan(
             raise UserError(f"trajectory shape {tuple(trajectory.shape)} does not match T+1={T + 1} "
                             f"steps and {images.shape[0]} images")
         K = min(num_draws, T)
-        var = transition_variance(schedule)
         xs, ts, tg, cf, const = [], [], [], [], []
         for i in idx:
             g = example_generator(seed, example_key(offset, i))

@@ -9,7 +9,6 @@ from pathlib import Path
 # oversubscription slows everything down tenfold. Tests are small; one thread suffices.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np
 import pytest
 import torch
 

@@ -4,7 +4,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 
 from attribution.data import DatasetSpec, load_dataset, to_model_space, to_uint8
 from attribution.errors import UserError

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -219,7 +218,12 @@ def test_lds_job_resumes_without_redoing_finished_models(micro_run, monkeypatch)
     # the subset model really trained on its subset only
     cfg = __import__("json").loads((ev.unit_dir(micro_run, job, 1, 0) / "config.json").read_text())
     assert cfg["subset"] == torch.nonzero(gt.masks[1]).flatten().tolist()
-    assert cfg["train"]["steps"] == 3 and cfg["train"]["seed"] == ev.unit_seed(1, 0)
+    assert cfg["train"]["steps"] == 3 and cfg["train"]["seed"] == ev.unit_seed(1, 0, paired=True)
+    # paired seeds: seed r of every subset shares its training seed; seeds differ
+    cfg0 = __import__("json").loads((ev.unit_dir(micro_run, job, 0, 0) / "config.json").read_text())
+    cfg01 = __import__("json").loads((ev.unit_dir(micro_run, job, 0, 1) / "config.json").read_text())
+    assert cfg0["train"]["seed"] == cfg["train"]["seed"] != cfg01["train"]["seed"]
+    assert len({ev.unit_seed(m, r) for m in range(3) for r in range(2)}) == 6  # independent: all distinct
     loaded = ev.find_ground_truth(micro_run, "lt:10")
     assert torch.equal(loaded.values, gt.values) and torch.equal(loaded.masks, gt.masks)
     assert ev.read_progress(micro_run, job)[0]["stage"] == "measure"
