@@ -46,6 +46,7 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python bench/bench_foundation.py --threads 1 2 --sample-steps 30
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_influence.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_baselines.py
+	$(BIN)/python bench/bench_rescore_scale.py
 
 ## LDS ground truth + table for the demo run (resumable; hours on 2 CPU cores).
 lds-demo: $(STAMP)
