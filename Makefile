@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PYTEST  := $(BIN)/python -m pytest
 DEMO    := demo/run
 
-.PHONY: app test test-slow test-browser test-all install demo-run bench lds-demo clean-venv
+.PHONY: app test test-slow test-browser test-all install demo-run bench lds-demo lds-cifar2 clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,9 +48,21 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_baselines.py
 	$(BIN)/python bench/bench_rescore_scale.py
 
-## LDS ground truth + table for the demo run (resumable; hours on 2 CPU cores).
+## LDS ground truth + table for the demo run (resumable; about 2 h on 2 CPU cores).
 lds-demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/lds_demo.py
+
+## CIFAR-2 LDS benchmark on ../shared/data (resumable; about 1 h on 2 CPU cores). The run and
+## its ground truth stay in runs/cifar2 (git-ignored: the images are not ours to ship).
+CIFAR_NPZ ?= $(abspath $(CURDIR)/../shared/data/cifar10_partial_train.npz)
+lds-cifar2: $(STAMP)
+	test -f $(CIFAR_NPZ) || { echo "no $(CIFAR_NPZ): set CIFAR_NPZ=path/to/cifar10 npz"; exit 2; }
+	OMP_NUM_THREADS=1 $(BIN)/attribution train --dataset npz --data-path $(CIFAR_NPZ) --classes 1,7 --limit 1000 \
+	  --resolution 16 --channels 3 --preset tiny --steps 2500 --hflip --out runs/cifar2
+	test -f runs/cifar2/samples/queries.safetensors || OMP_NUM_THREADS=1 $(BIN)/attribution sample \
+	  --run runs/cifar2 -n 16 --seed 0 --trajectory --name queries
+	OMP_NUM_THREADS=1 $(BIN)/python bench/lds_demo.py --run runs/cifar2 --seeds 1 --steps 400 --warmup-steps 40 \
+	  --only "K-FAC mc expand,TRAK,pixel,CLIP" --no-counterfactual
 
 clean-venv:
 	rm -rf $(VENV)

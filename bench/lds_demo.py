@@ -45,6 +45,8 @@ TRAIN = dict(num_subsets=32, num_seeds=2, alpha=0.5, subset_seed=0, steps=500, w
 WORKERS = 2  # training processes, one thread each
 LOSS_JOB = LDSJob(**TRAIN, measurements=("loss",), num_draws=128)
 # Diagnostics (observations 1-3): the first seed of every subset only, fewer draws (CPU time).
+RUN_DIR = DEMO_RUN
+STEM = "lds_demo"  # bench/results/<STEM>.{json,md}
 DIAG_JOB = LDSJob(**{**TRAIN, "num_seeds": 1},
                   measurements=("elbo", "trajectory", "lt:49", "lt:199", "lt:499", "lt:799"), num_draws=32)
 
@@ -90,7 +92,7 @@ def train_in_workers(job: LDSJob) -> None:
     """Train the job's models with the CLI's worker processes (one thread each; resumable)."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "attribution", "lds", "--run", str(DEMO_RUN), "--stage", "train",
+    cmd = [sys.executable, "-m", "attribution", "lds", "--run", str(RUN_DIR), "--stage", "train",
            "--workers", str(WORKERS), "--subsets", str(job.num_subsets), "--seeds", str(job.num_seeds),
            "--alpha", str(job.alpha), "--subset-seed", str(job.subset_seed), "--steps", str(job.steps),
            "--warmup-steps", str(job.warmup_steps), "--measurements", ",".join(job.measurements),
@@ -211,12 +213,13 @@ def table(run: Run, only: set[str] | None = None, scores_only: bool = False) -> 
         for name, d, _, _ in method_scores(run, list(range(queries["images"].shape[0])), only):
             log(f"have {name} {d}")
         return {}
-    out_json = RESULTS / "lds_demo.json"
+    out_json = RESULTS / f"{STEM}.json"
     old = json.loads(out_json.read_text()) if out_json.exists() else {}
     # keep only a counterfactual result made with this benchmark's recipe; everything else is redone
     res = {k: v for k, v in old.items() if k == "counterfactual" and v.get("steps") == TRAIN["steps"]}
     gt = find_ground_truth(run, "loss")
     q_idx = list(range(gt.num_queries))
+    res["run"] = "the demo run" if RUN_DIR == DEMO_RUN else f"{RUN_DIR.name} ({describe_dataset(run)})"
     res["scale"] = {"images": gt.num_train, "resolution": run.config["image_size"], "queries": gt.num_queries,
                     **{k: v for k, v in gt.meta.items() if k in ("num_subsets", "num_seeds", "num_draws", "steps",
                                                                   "warmup_steps", "alpha", "measure_seed")},
@@ -225,7 +228,7 @@ def table(run: Run, only: set[str] | None = None, scores_only: bool = False) -> 
 
     def save():
         write_json(out_json, res)
-        (RESULTS / "lds_demo.md").write_text(markdown(res))
+        (RESULTS / f"{STEM}.md").write_text(markdown(res))
 
     ex = None
     if gt.num_seeds >= 2:
@@ -349,7 +352,7 @@ def counterfactual(run: Run) -> dict:
     """Retrain without each method's top-100 for 2 queries (the same recipe as the LDS models)."""
     from attribution.evaluation import CounterfactualJob, run_counterfactual
 
-    out_json = RESULTS / "lds_demo.json"
+    out_json = RESULTS / f"{STEM}.json"
     res = json.loads(out_json.read_text())
     scores = {"K-FAC mc expand (1e-8)": cached_scores(run, "K-FAC mc expand 1e-08", lambda: None)[0]}
     for name in ("TRAK", "D-TRAK"):
@@ -370,13 +373,19 @@ def counterfactual(run: Run) -> dict:
                                         for m, r in report["methods"].items()},
                              "reference_loss": report["reference_values"]}
     write_json(out_json, res)
-    (RESULTS / "lds_demo.md").write_text(markdown(res))
+    (RESULTS / f"{STEM}.md").write_text(markdown(res))
     return res
+
+
+def describe_dataset(run: Run) -> str:
+    d = run.config["dataset"]
+    classes = f", classes {d['classes']}" if d.get("classes") else ""
+    return f"{d['source']} {Path(d['path']).name if d.get('path') else ''}{classes}".replace("  ", " ")
 
 
 def markdown(res: dict) -> str:
     sc = res.get("scale", {})
-    lines = ["# LDS benchmark of the demo run (loss measurement)", "",
+    lines = [f"# LDS benchmark of {res.get('run', 'the demo run')} (loss measurement)", "",
              "Scale: " + ", ".join(f"{k} = {v}" for k, v in sc.items()), "",
              "| method | LDS at damping 1e-8 | LDS at best damping | best damping | best minus K-FAC mc expand at 1e-8 (paired) |",
              "|---|---|---|---|---|"]
@@ -438,10 +447,27 @@ def main() -> int:
     ap.add_argument("--counterfactual-only", action="store_true",
                     help="only the counterfactual retraining (needs the table for TRAK's best damping)")
     ap.add_argument("--only", default=None, help="comma-separated name fragments of the methods to include")
+    ap.add_argument("--run", default=None,
+                    help="another run directory (default: the demo run); needs its 'queries' sample set")
+    ap.add_argument("--stem", default=None, help="results file stem (default: lds_demo, or lds_<run name>)")
+    ap.add_argument("--subsets", type=int, default=None, help="M (default: 32)")
+    ap.add_argument("--seeds", type=int, default=None, help="R (default: 2)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per retrained model (default: 500)")
+    ap.add_argument("--warmup-steps", type=int, default=None, help="their warm-up (default: 50)")
     args = ap.parse_args()
-    global CACHED_ONLY
+    global CACHED_ONLY, RUN_DIR, STEM, LOSS_JOB, DIAG_JOB
     CACHED_ONLY = args.cached_only
-    run = Run(DEMO_RUN)
+    if args.run:
+        RUN_DIR = Path(args.run).resolve()
+        STEM = f"lds_{RUN_DIR.name}"
+    STEM = args.stem or STEM
+    for key, value in (("num_subsets", args.subsets), ("num_seeds", args.seeds), ("steps", args.steps),
+                       ("warmup_steps", args.warmup_steps)):
+        if value is not None:
+            TRAIN[key] = value
+    LOSS_JOB = replace(LOSS_JOB, **TRAIN)
+    DIAG_JOB = replace(DIAG_JOB, **{**TRAIN, "num_seeds": 1})
+    run = Run(RUN_DIR)
     only = set(args.only.split(",")) if args.only else None
     if args.counterfactual_only:
         counterfactual(run)
@@ -454,7 +480,7 @@ def main() -> int:
     table(run, only)
     if not args.no_counterfactual:
         counterfactual(run)
-    log("table written to bench/results/lds_demo.{json,md}")
+    log(f"table written to bench/results/{STEM}.{{json,md}}")
     return 0
 
 
