@@ -116,23 +116,11 @@ def per_example_alternatives(unet, schedule, images, K=32, B=8) -> dict:
 
 def synthetic_score_time(n: int, p: int, q: int) -> float:
     """Seconds to score ``q`` queries against a random float16 store of ``n`` x ``p`` on disk."""
-    import numpy as np
-
-    from attribution.gradients import GradientStore
-    from attribution.runs import write_json
+    from bench_rescore_scale import random_store  # same folder: the script's directory is on sys.path
 
     d = Path(tempfile.mkdtemp(prefix="bench_store_"))
     try:
-        values = np.lib.format.open_memmap(d / "grads.npy", mode="w+", dtype=np.float16, shape=(n, p))
-        rng = np.random.default_rng(0)
-        for s in range(0, n, 250):
-            values[s:s + 250] = rng.standard_normal((min(n, s + 250) - s, p), dtype=np.float32).astype(np.float16)
-        values.flush()
-        del values
-        np.save(d / "scales.npy", np.ones((n, 1), np.float32))
-        write_json(d / "store.json", {"n": n, "p": p, "dtype": "float16", "blocks": [p]})
-        write_json(d / "progress.json", {"rows_done": n})
-        store = GradientStore(d)
+        store = random_store(d, n, p)
         queries = torch.randn(q, p)
         store.score(queries)  # page cache warm, as for a store in use
         _, dt = timed(store.score, queries)
