@@ -119,6 +119,7 @@ def job_args(run: Run, job: LDSJob) -> dict:
             "alpha": job.alpha, "subset_seed": job.subset_seed, "steps": retrain_steps(run, job),
             "warmup_steps": job.warmup_steps if job.warmup_steps is not None else cfg["train"]["warmup_steps"],
             "steps_rule": "explicit" if job.steps is not None else "alpha * run steps",
+            # only when set, so jobs with independent seeds keep the keys they had before the option
             **({"paired_seeds": True} if job.paired_seeds else {})}
 
 
