@@ -111,7 +111,7 @@ def _load_mnist5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return arr[:, :-1].reshape(-1, 28, 28, 1).astype(np.uint8), arr[:, -1].astype(np.int64), MNIST_CLASSES
 
 
-def _load_npz(path: Optional[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_npz(path: Optional[str]) -> tuple[np.ndarray, np.ndarray, list[str], Optional[list[str]]]:
     if not path:
         raise UserError("the npz source needs a path (--data-path FILE.npz)")
     p = Path(path)
@@ -123,6 +123,9 @@ def _load_npz(path: Optional[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
                 raise UserError(f"{p} has no 'images' array (found: {', '.join(z.files)})")
             images = z["images"]
             labels = z["labels"] if "labels" in z else np.zeros(len(images), dtype=np.int64)
+            # optional: a derived subset keeps its source's class names and image ids
+            stored_names = [str(n) for n in z["class_names"]] if "class_names" in z else None
+            stored_ids = [str(i) for i in z["ids"]] if "ids" in z else None
     except UserError:
         raise
     except Exception as exc:
@@ -133,8 +136,11 @@ def _load_npz(path: Optional[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         raise UserError(f"{p}: 'images' must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
     if len(labels) != len(images):
         raise UserError(f"{p}: {len(images)} images but {len(labels)} labels")
-    names = CIFAR10_CLASSES if images.shape[1:3] == (32, 32) and labels.max(initial=0) < 10 else []
-    return images, labels.astype(np.int64), names
+    if stored_ids is not None and len(stored_ids) != len(images):
+        raise UserError(f"{p}: {len(images)} images but {len(stored_ids)} ids")
+    names = stored_names if stored_names is not None else (
+        CIFAR10_CLASSES if images.shape[1:3] == (32, 32) and labels.max(initial=0) < 10 else [])
+    return images, labels.astype(np.int64), names, stored_ids
 
 
 def _load_folder(path: Optional[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -230,12 +236,13 @@ def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
 
 def load_dataset(spec: DatasetSpec) -> ImageDataset:
     """Load, filter, subsample, resize and convert according to ``spec``."""
+    source_ids = None
     if spec.source == "mnist5k":
         images, labels, names = _load_mnist5k()
     elif spec.source in ("cifar10", "cifar2"):
         images, labels, names = _load_cifar10(spec.path, spec.split)
     elif spec.source == "npz":
-        images, labels, names = _load_npz(spec.path)
+        images, labels, names, source_ids = _load_npz(spec.path)
     elif spec.source == "folder":
         images, labels, names = _load_folder(spec.path)
     else:
@@ -265,5 +272,6 @@ def load_dataset(spec: DatasetSpec) -> ImageDataset:
         images = _resize(images, spec.resolution)
     if spec.channels is not None:
         images = _convert_channels(images, spec.channels)
-    ids = [f"{spec.source}:{spec.split}:{i}" for i in index]
+    ids = ([source_ids[i] for i in index] if source_ids is not None
+           else [f"{spec.source}:{spec.split}:{i}" for i in index])
     return ImageDataset(images=images, labels=labels, ids=ids, class_names=list(names), name=spec.source)

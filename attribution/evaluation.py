@@ -105,7 +105,7 @@ def train_indices(run: Run) -> list[int]:
     sub = run.config.get("subset")
     if sub is not None:
         return [int(i) for i in sub]
-    return list(range(len(_dataset_images(json.dumps(run.config["dataset"], sort_keys=True)))))
+    return list(range(len(_dataset_images(json.dumps(run.dataset_spec(), sort_keys=True)))))
 
 
 def job_args(run: Run, job: LDSJob) -> dict:
@@ -245,7 +245,7 @@ def _retrain(run: Run, out: Path, indices: Sequence[int], steps: int, seed: int,
                   checkpoint_every=min(RETRAIN_CHECKPOINT_EVERY, steps))
     if warmup_steps is not None:
         cfg = replace(cfg, warmup_steps=warmup_steps)
-    (train_fn or _fit_subset)(out, run.config["dataset"], cfg, sorted(base[i] for i in indices),
+    (train_fn or _fit_subset)(out, run.dataset_spec(), cfg, sorted(base[i] for i in indices),
                               progress, should_stop, device)
     done = Run(out).has_model()
     if done:

@@ -156,7 +156,15 @@ class Run:
         """The training set of this run (its subset mask applied)."""
         from attribution.data import DatasetSpec, load_dataset
 
-        return load_dataset(DatasetSpec(**self.config["dataset"]))
+        return load_dataset(DatasetSpec(**self.dataset_spec()))
+
+    def dataset_spec(self) -> dict:
+        """The config's dataset spec with a relative ``path`` resolved against the run directory
+        when the file is there (a derived subset shipped inside the run, e.g. demo/cifar2/data)."""
+        spec = dict(self.config["dataset"])
+        if spec.get("path") and not Path(spec["path"]).is_absolute() and (self.path / spec["path"]).exists():
+            spec["path"] = str((self.path / spec["path"]).resolve())
+        return spec
 
     # -- training curve
     def loss_curve(self) -> list[dict]:
