@@ -47,7 +47,7 @@ PRIOR_S_PER_UNIT = {
 }
 FIXED_S = {"score": 0.5}  # stages whose cost does not scale with units
 MIN_FRACTION = 0.03  # below this fraction done, a stage's live rate is not trusted yet
-MIN_ELAPSED_S = 2.0
+MIN_ELAPSED_S = 0.5
 
 
 def classify(stage_name: str) -> str:

@@ -291,3 +291,24 @@ KINDS: dict[str, JobKind] = {
     "baseline": JobKind(_run_baseline, _needs_baseline, _plan_baseline),
     "warmup": JobKind(_run_warmup, lambda run_dir, args: [], _plan_warmup),
 }
+
+
+def warmup_steps(settings: dict, query_set: str, query: int, model: str, baselines: list[str]) -> list[dict]:
+    """The warm-up after a first gallery: the other seven Hessian variants (nearest first: the other
+    weight sharing, the other Fisher, both; then the other method's four) and the baselines,
+    with exactly the args the Attribute page asks for, so a later switch finds them done."""
+    from attribution.attribute_text import VARIANTS, settings_label
+
+    here = (settings["method"], settings["fisher"], settings["kfac_type"])
+    order = sorted((v for v in VARIANTS if v != here),
+                   key=lambda v: (v[0] != here[0], (v[1] != here[1]) + (v[2] != here[2]), v))
+    common = {"query_set": query_set, "query_indices": [int(query)], "model": model}
+    steps = []
+    for method, fisher, kfac_type in order:
+        s = {**settings, "method": method, "fisher": fisher, "kfac_type": kfac_type}
+        steps.append({"kind": "influence", "args": {"settings": s, **common},
+                      "label": settings_label(s, query_set, int(query))})
+    for name in baselines:
+        steps.append({"kind": "baseline", "args": {"method": name, **common},
+                      "label": f"{name.upper() if 'trak' in name else name} baseline · query {query_set}[{query}]"})
+    return steps

@@ -162,13 +162,15 @@ class JobProgress:
         s.update(stage=stage, done=float(done), total=float(total), updated=now)
         if self.tracker is not None:
             est = self.tracker.report(done, total, stage, now)
+            entry = self.tracker.plan[est["stage_index"] - 1]
             s.update(eta_s=est["stage_left_s"], eta_total_s=est["total_left_s"], stage_total_s=est["stage_total_s"],
-                     stage_index=est["stage_index"], num_stages=est["num_stages"])
+                     stage_index=est["stage_index"], num_stages=est["num_stages"],
+                     stage_label=entry.get("name") or stage)
         else:  # no plan (or a warm-up: one step per sub-job, whose own records carry the estimates)
             elapsed = now - s["stage_started"]
             s["eta_s"] = elapsed / done * (total - done) if done > 0 and total >= done else None
             if s["kind"] == "warmup":
-                s.update(stage_index=min(int(done) + 1, int(total) or 1), num_stages=int(total) or 1)
+                s.update(stage_index=min(int(done) + 1, int(total) or 1), num_stages=int(total) or 1, stage_label=stage)
         if changed or done >= total or now - self._last_write >= self.min_interval:
             self.flush()
 
@@ -452,7 +454,7 @@ def describe(state: dict) -> str:
         return f"queued: {state.get('queued_reason') or 'waiting to start'}"
     k, n = state.get("stage_index"), state.get("num_stages")
     head = f"stage {k} of {n}, " if k and n else ""
-    line = f"{head}{state.get('stage')}: {done:g}/{total:g} ({pct:.0f}%)"
+    line = f"{head}{state.get('stage_label') or state.get('stage')}: {done:g}/{total:g} ({pct:.0f}%)"
     if state.get("status") == "running":
         line += f" — about {format_seconds(state.get('eta_s'))} left in this stage"
         if n and n > 1 and k is not None:
