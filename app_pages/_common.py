@@ -39,7 +39,7 @@ def run_picker() -> None:
         active = jobs.active_jobs(Path(path))
         if active:
             st.caption("Background jobs: " + " · ".join(
-                f"{s.get('label') or s['kind']} ({'queued' if s['status'] == 'queued' else jobs.describe(s)})"
+                f"{s.get('label') or s['kind']} ({'queued' if s['status'] == 'queued' else job_line(s)})"
                 for s in active))
 
 
@@ -191,10 +191,7 @@ def job_line(state: dict) -> str:
     k, n = state.get("stage_index"), state.get("num_stages")
     what = state.get("stage_label") or state.get("stage") or state["kind"]
     line = (f"Stage {k} of {n}: " if k and n else "") + f"{what} — {pct:.0f}%"
-    line += f" — about {jobs.format_eta(state.get('eta_s'))} left in this stage"
-    if n and n > 1:
-        line += f", {jobs.format_eta(state.get('eta_total_s'))} overall"
-    return line
+    return line + f" — {jobs.time_left(state)}"
 
 
 @st.fragment(run_every=1.0)
@@ -210,6 +207,10 @@ def job_progress(run_path: str, jid: str, label: str) -> None:
         total = state.get("total") or 1
         frac = 0.0 if state["status"] == "queued" else min(1.0, float(state.get("done") or 0) / total)
         st.progress(frac, text=f"{label} — {job_line(state)}")
+        blocker = jobs.status(Path(run_path), state["waiting_for"][0]) if state["status"] == "queued" \
+            and state.get("waiting_for") else None
+        if blocker is not None and blocker["status"] == "running":
+            st.caption(f"The build it waits for ({blocker.get('label') or blocker['kind']}): {job_line(blocker)}")
         if jobs.may_cancel(state, session_id()):
             if st.button("Cancel", key=f"cancel_{jid}", help="stops at the next progress report; what is built is kept"):
                 jobs.cancel(Path(run_path), jid, by=session_id())
@@ -238,6 +239,8 @@ def ensure_job(run: Run, kind: str, args: dict, label: str, auto_start: bool = T
         if scores is not None or kind not in jobs.SCORE_KINDS:
             return state, scores
         state = None  # the result file was deleted: build again
+    if state is not None and state["status"] == "interrupted" and kind in jobs.SCORE_KINDS and auto_start:
+        state = None  # stopped by a server restart: scores resume on their own (artifacts are resumable)
     if state is None and auto_start:
         _start(run, kind, args, label)
         try:

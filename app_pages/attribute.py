@@ -162,7 +162,8 @@ with right:
             st.session_state["attr_last"] = {"args": args, "seconds": state["updated"] - state["started"]}
             st.caption(CAPTION_KEY)
             rows = render_gallery(row, {"title": title, "method": f"{method}-{fisher}-{kfac_type}", "k": k, "ds": ds,
-                                        "key": "d", "kind": "influence"})
+                                        "key": "d", "kind": "influence",
+                                        "notes": [f"Scored for: {settings_label(full, qset, int(q))}"]})
             start_warmup(run, full, qset, int(q), fp, BASELINES)
         elif state is not None and state["status"] in jobs.ACTIVE:
             influence_building = True
@@ -191,7 +192,8 @@ def baseline_block(name: str, label: str, kept: dict) -> list[dict]:
         state_b, scores_b = ensure_job(run, "baseline", args_b, label, wait_s=1.0, key=f"b_{name}")
         waiting = "until this query's scores are ready" if state_b is not None and state_b["status"] in jobs.ACTIVE \
             else None
-    info = {"title": None, "method": name, "k": k, "ds": ds, "key": f"d_{name}", "kind": "baseline", "size": 64}
+    info = {"title": None, "method": name, "k": k, "ds": ds, "key": f"d_{name}", "kind": "baseline", "size": 80,
+            "columns": 4}
     if scores_b is not None:
         head.markdown(f"**{label}**")
         kept[name] = {"row": scores_b[0], "query": f"{qset}[{q}]"}

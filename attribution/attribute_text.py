@@ -82,11 +82,14 @@ def settings_label(settings: dict, query_set: str, query: int) -> str:
 
 
 def format_score(v: float) -> str:
-    """Short signed score without padded exponents: ``+3.1e-6``, ``-0.042``, ``0``."""
+    """Short signed score, at most 7 characters: ``+3.1e-6``, ``-0.042``, ``+153``, ``+4.0e3``."""
     if v == 0 or not math.isfinite(v):
         return f"{v:g}"
-    if 1e-3 <= abs(v) < 1e4:
-        return f"{v:+.2g}" if abs(v) < 1 else f"{v:+.3g}"
+    a = abs(v)
+    if 1 <= a < 1000:
+        return f"{v:+.0f}" if a >= 100 else f"{v:+.2g}" if a < 10 else f"{v:+.0f}"
+    if 1e-3 <= a < 1:
+        return f"{v:+.2g}"
     mant, exp = f"{v:+.1e}".split("e")
     return f"{mant}e{int(exp)}"
 

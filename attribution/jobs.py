@@ -55,10 +55,15 @@ ACTIVE = ("queued", "running")
 SCORE_KINDS = ("influence", "baseline")
 MAX_BUILDS = max(1, int(os.environ.get("ATTRIBUTION_MAX_BUILDS", min(2, os.cpu_count() or 1))))
 NICE = {"user": 5, "background": 10}  # CPU priority of a building worker thread (pages stay at 0)
+# Kinds whose builds share one model per process (the influence engine caches the run's U-Net and
+# hooks its modules while computing gradients): two such builds never run in one process at once.
+# A second one starts in a worker process of its own instead, so it runs beside the first.
+SHARED_MODEL_KINDS = {"influence"}
 _THREADS: dict[str, threading.Thread] = {}  # job id -> worker thread of this process
 _LOCK = threading.RLock()  # guards admission and start in this process (with a file lock across processes)
 _CHANGED = threading.Condition()  # notified whenever a job of this process ends or is admitted
 _LOCK_DEPTH = {"n": 0, "fh": None}
+_JOINERS: dict[str, set] = {}  # job id -> other sessions of this process that asked for the same job
 
 
 class JobCancelled(Exception):
@@ -206,6 +211,10 @@ def active_jobs(run_dir: Path) -> list[dict]:
     return out
 
 
+def _engine_key() -> str:
+    return f"gradients on the engine's model in process {os.getpid()}"
+
+
 def _admit(run_dir: Path, kind: str, args: dict, progress: JobProgress) -> None:
     """Block while the job must wait (see the module docstring); then mark it running with the
     artifacts it builds. Raises :class:`JobCancelled` when cancelled while queued."""
@@ -214,6 +223,8 @@ def _admit(run_dir: Path, kind: str, args: dict, progress: JobProgress) -> None:
         if progress.cancelled():
             raise JobCancelled("cancelled while queued")
         needs = KINDS[kind].needs(run_dir, args)
+        if needs and kind in SHARED_MODEL_KINDS:
+            needs = needs + [_engine_key()]
         with _run_lock(run_dir):
             others = [s for s in active_jobs(run_dir) if s["id"] != state["id"]]
             why = why_wait(state, needs, others, MAX_BUILDS)
@@ -230,7 +241,7 @@ def _admit(run_dir: Path, kind: str, args: dict, progress: JobProgress) -> None:
         with _CHANGED:
             _CHANGED.wait(timeout=0.5)
     _notify()
-    if needs and threading.current_thread() is not threading.main_thread():
+    if needs and (state["worker"]["mode"] == "process" or threading.current_thread() is not threading.main_thread()):
         with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's nice value is its own
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE.get(state.get("priority"), 5))
 
@@ -309,7 +320,13 @@ def start(kind: str, run_dir: Path, args: dict, mode: str = "thread", owner: Opt
     with _run_lock(run_dir):
         current = status(run_dir, jid)
         if current is not None and current["status"] in ACTIVE:
+            if owner is not None and owner != current.get("owner"):
+                _JOINERS.setdefault(jid, set()).add(owner)
             return jid
+        _JOINERS.pop(jid, None)
+        if mode == "thread" and kind in SHARED_MODEL_KINDS and any(
+                _engine_key() in (s.get("builds") or []) for s in active_jobs(run_dir)):
+            mode = "process"  # this process's engine is building: build beside it, not after it
         # Write "queued" now, so a poll right after start() never sees the previous final state.
         state = _new_state(kind, args, jid, mode, owner, label, priority, status="queued")
         write_json(job_path(run_dir, jid), state)
@@ -405,11 +422,13 @@ def cancel(run_dir: Path, jid: str, by: Optional[str] = None) -> bool:
 
 def cancel_superseded(run_dir: Path, owner: str, kind: str, keep: str) -> list[str]:
     """Cancel ``owner``'s *queued* user jobs of ``kind`` other than ``keep`` (settings the user
-    passed over, e.g. intermediate slider values); running builds are kept. Returns their ids."""
+    passed over, e.g. intermediate slider values); running builds, and jobs another session
+    asked for too, are kept. Returns their ids."""
     out = []
     for s in active_jobs(run_dir):
         if s["kind"] == kind and s["id"] != keep and s["status"] == "queued" and s.get("owner") == owner \
-                and s.get("priority") != "background" and cancel(run_dir, s["id"], by=owner):
+                and s.get("priority") != "background" and not (_JOINERS.get(s["id"], set()) - {owner}) \
+                and cancel(run_dir, s["id"], by=owner):
             out.append(s["id"])
     return out
 
@@ -445,6 +464,17 @@ def format_eta(seconds: Optional[float]) -> str:
     return format_seconds(seconds)
 
 
+def time_left(state: dict) -> str:
+    """``"about 1 min 10 s left in this stage, 3 min 05 s overall"`` (or "estimating the time left")."""
+    stage, total = state.get("eta_s"), state.get("eta_total_s")
+    if stage is None:
+        return "estimating the time left"
+    text = f"about {format_seconds(stage)} left in this stage"
+    if (state.get("num_stages") or 1) > 1:
+        text += f", {format_seconds(total) if total is not None else 'estimating the rest'} overall"
+    return text
+
+
 def describe(state: dict) -> str:
     """One line: ``stage k of n, name: pct — about ETA left (this stage), ETA overall``."""
     total = state.get("total") or 1
@@ -456,9 +486,7 @@ def describe(state: dict) -> str:
     head = f"stage {k} of {n}, " if k and n else ""
     line = f"{head}{state.get('stage_label') or state.get('stage')}: {done:g}/{total:g} ({pct:.0f}%)"
     if state.get("status") == "running":
-        line += f" — about {format_seconds(state.get('eta_s'))} left in this stage"
-        if n and n > 1 and k is not None:
-            line += f", {format_seconds(state.get('eta_total_s'))} overall"
+        line += f" — {time_left(state)}"
     else:
         line += f" — {state.get('status')}"
     return line

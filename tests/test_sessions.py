@@ -470,3 +470,33 @@ def test_warmup_prepares_the_other_variants_after_the_first_gallery(session_app,
     at.radio(key="a_h").set_value("ekfac")
     at.radio(key="a_kt").set_value("reduce").run()
     assert not at.exception and _captions(at) and not at.get("progress")
+
+
+def test_two_real_builds_side_by_side_give_the_serial_scores(micro_run, tmp_path):
+    """The engine shares one model per process, so a second influence build starts in a worker
+    process of its own and runs beside the first; both give the scores of a serial computation."""
+    import torch
+
+    from attribution import influence
+    from attribution.runs import Run
+
+    runs = []
+    for name in ("together", "serial"):
+        shutil.copytree(micro_run.path, tmp_path / name, ignore=shutil.ignore_patterns("artifacts", "jobs"))
+        runs.append(Run(tmp_path / name))
+    base = {"fisher": "mc", "damping": 1e-4, "measurement": "loss", "train_draws": 16, "query_draws": 4,
+            "factor_draws": 4}
+    settings = [{**base, "method": "kfac", "kfac_type": "expand"}, {**base, "method": "ekfac", "kfac_type": "reduce"}]
+    args = [{"settings": s, "query_set": "queries", "query_indices": [0, 1]} for s in settings]
+    first = jobs.start("influence", runs[0].path, args[0])
+    _until(lambda: jobs.status(runs[0].path, first)["status"] == "running", timeout=120)
+    second = jobs.start("influence", runs[0].path, args[1])
+    assert jobs.status(runs[0].path, second)["worker"]["mode"] == "process"
+    states = [jobs.wait(runs[0].path, j, timeout=600) for j in (first, second)]
+    assert [s["status"] for s in states] == ["done", "done"], [s.get("error") for s in states]
+    assert states[0]["worker"]["mode"] == "thread" and states[1]["worker"]["mode"] == "process"
+    influence.clear_cache()
+    for jid, s in zip((first, second), settings):
+        ref = influence.influence_scores(runs[1], "queries", [0, 1], influence.InfluenceSettings(**s))
+        got = jobs.load_result(runs[0].path, jid)
+        assert torch.allclose(got, ref.float(), rtol=1e-4, atol=1e-6 * float(ref.abs().max())), (s, got, ref)
