@@ -50,11 +50,13 @@ def influence_result(run, args: dict, label: str, ds):
 
 def start_warmup(run, settings: dict, query_set: str, query: int, model: str, baselines) -> None:
     """After a gallery: prepare the other Hessian variants and the baselines of this query in the
-    background (once per session, query and measurement; low priority, yields to requests)."""
+    background (low priority, yields to requests). Once per session and run (and draws): what it
+    builds (factors, the baselines' training features) serves every query, damping and
+    measurement, so later changes only re-score."""
     if not warmup_enabled():
         return
-    fixed = {k: v for k, v in settings.items() if k not in ("method", "fisher", "kfac_type", "damping")}
-    key = config_hash([str(run.path), query_set, int(query), fixed])
+    fixed = {k: settings.get(k) for k in ("train_draws", "factor_draws", "seed", "store_dtype")}
+    key = config_hash([str(run.path), fixed])
     started = st.session_state.setdefault("_warmups", {})
     if key in started:
         return

@@ -190,7 +190,7 @@ def job_line(state: dict) -> str:
     pct = 100.0 * float(state.get("done") or 0) / total
     k, n = state.get("stage_index"), state.get("num_stages")
     what = state.get("stage_label") or state.get("stage") or state["kind"]
-    line = (f"Stage {k} of {n}: " if k and n else "") + f"{what} — {pct:.0f}%"
+    line = (f"Stage {k} of {n}: " if k and n else "") + f"{what} — {pct:.0f}%" + (" of this stage" if n and n > 1 else "")
     return line + f" — {jobs.time_left(state)}"
 
 
@@ -205,7 +205,8 @@ def job_progress(run_path: str, jid: str, label: str) -> None:
     if state["status"] in jobs.ACTIVE:
         st.session_state[f"_seen_running_{jid}"] = True
         total = state.get("total") or 1
-        frac = 0.0 if state["status"] == "queued" else min(1.0, float(state.get("done") or 0) / total)
+        frac = 0.0 if state["status"] == "queued" else float(state.get("overall_fraction")
+                                                              or min(1.0, float(state.get("done") or 0) / total))
         st.progress(frac, text=f"{label} — {job_line(state)}")
         blocker = jobs.status(Path(run_path), state["waiting_for"][0]) if state["status"] == "queued" \
             and state.get("waiting_for") else None

@@ -18,6 +18,10 @@ build; it also waits for a build slot (``MAX_BUILDS`` builds at once, at most on
 background warm-up, user jobs first). A job that needs nothing (a re-score on cached artifacts)
 runs at once, whatever else is building. Builds run at a lower CPU priority than the pages.
 
+The influence engine keeps one model per process and hooks its modules while computing
+gradients, so two of its builds never run in one process at once (``SHARED_MODEL_KINDS``): a build
+that starts while this process's engine is building runs in a worker process of its own instead.
+
 Owners: a job records the session that started it (``owner``); :func:`cancel` with ``by=`` refuses
 another session's job (the CLI, ``by=None``, may cancel any).
 
@@ -168,6 +172,8 @@ class JobProgress:
         if self.tracker is not None:
             est = self.tracker.report(done, total, stage, now)
             entry = self.tracker.plan[est["stage_index"] - 1]
+            s["overall_fraction"] = max(float(s.get("overall_fraction") or 0.0), _overall_fraction(
+                self.tracker.plan, est, float(done) / float(total) if total else 0.0))  # one bar, never back
             s.update(eta_s=est["stage_left_s"], eta_total_s=est["total_left_s"], stage_total_s=est["stage_total_s"],
                      stage_index=est["stage_index"], num_stages=est["num_stages"],
                      stage_label=entry.get("name") or stage)
@@ -182,6 +188,20 @@ class JobProgress:
     def flush(self) -> None:
         self._last_write = time.time()
         write_json(job_path(self.run_dir, self.jid), self.state)
+
+
+def _overall_fraction(plan: list[dict], est: dict, stage_fraction: float) -> float:
+    """The job's progress 0..1 for one bar that never falls back: time spent over time spent plus
+    the overall estimate left; by stages (k - 1 + fraction) / n while no estimate is known."""
+    k, n = est["stage_index"], max(1, est["num_stages"])
+    spent = sum(float(e.get("seconds") or 0) for i, e in enumerate(plan) if i != k - 1)
+    current = est.get("stage_total_s")
+    if est.get("total_left_s") is not None and current is not None:
+        spent += max(0.0, current - (est.get("stage_left_s") or 0.0))
+        whole = spent + est["total_left_s"]
+        if whole > 0:
+            return min(1.0, spent / whole)
+    return min(1.0, (k - 1 + min(1.0, stage_fraction)) / n)
 
 
 # ----------------------------------------------------------------------------- scheduling
@@ -211,8 +231,16 @@ def active_jobs(run_dir: Path) -> list[dict]:
     return out
 
 
+ENGINE_KEY = "gradients on the engine's model in process"
+
+
 def _engine_key() -> str:
-    return f"gradients on the engine's model in process {os.getpid()}"
+    return f"{ENGINE_KEY} {os.getpid()}"
+
+
+def built_artifacts(state: dict) -> list[str]:
+    """The artifacts a job built (its ``builds`` without the engine's per-process lock)."""
+    return [k for k in state.get("builds") or [] if not k.startswith(ENGINE_KEY)]
 
 
 def _admit(run_dir: Path, kind: str, args: dict, progress: JobProgress) -> None:
@@ -325,8 +353,10 @@ def start(kind: str, run_dir: Path, args: dict, mode: str = "thread", owner: Opt
             return jid
         _JOINERS.pop(jid, None)
         if mode == "thread" and kind in SHARED_MODEL_KINDS and any(
-                _engine_key() in (s.get("builds") or []) for s in active_jobs(run_dir)):
+                _engine_key() in (s.get("builds") or []) for s in active_jobs(run_dir)) \
+                and KINDS[kind].needs(run_dir, args):
             mode = "process"  # this process's engine is building: build beside it, not after it
+            # (a re-score, which needs nothing built, stays a thread: it must not pay a start-up)
         # Write "queued" now, so a poll right after start() never sees the previous final state.
         state = _new_state(kind, args, jid, mode, owner, label, priority, status="queued")
         write_json(job_path(run_dir, jid), state)

@@ -432,6 +432,8 @@ def test_two_sessions_a_build_blocks_nobody_and_runs_once(session_app, held_ekfa
     assert not a.exception, a.exception
     assert _captions(a) and not any(m.value.endswith("— updating") for m in a.markdown)
     assert a.session_state["attr_last"]["args"]["settings"]["damping"] == 1e-3
+    rescore = jobs.status(run_dir, jobs.job_id("influence", a.session_state["attr_last"]["args"]))
+    assert rescore["worker"]["mode"] == "thread" and rescore["builds"] == []  # no process start-up for it
     assert jobs.status(run_dir, build["id"])["status"] == "running"
     # A asks for B's settings: it joins B's build (one job), read-only, told whose it is
     a.select_slider(key="a_d").set_value(1e-8)
@@ -445,7 +447,7 @@ def test_two_sessions_a_build_blocks_nobody_and_runs_once(session_app, held_ekfa
     b.run()
     assert _captions(a) == _captions(b) and _captions(a)  # identical settings, identical galleries
     done = [s for s in jobs.list_jobs(run_dir) if s["kind"] == "influence"]
-    built = [k for s in done for k in s.get("builds", [])]
+    built = [k for s in done for k in jobs.built_artifacts(s)]
     assert len(built) == len(set(built))  # every artifact built by exactly one job
 
 
@@ -500,3 +502,20 @@ def test_two_real_builds_side_by_side_give_the_serial_scores(micro_run, tmp_path
         ref = influence.influence_scores(runs[1], "queries", [0, 1], influence.InfluenceSettings(**s))
         got = jobs.load_result(runs[0].path, jid)
         assert torch.allclose(got, ref.float(), rtol=1e-4, atol=1e-6 * float(ref.abs().max())), (s, got, ref)
+
+
+def test_the_progress_bar_never_falls_back(tmp_path):
+    """EK-FAC's second pass counts from 0 again; the job's bar (overall fraction) keeps rising."""
+    state = jobs._new_state("influence", {}, "x", "foreground")
+    p = jobs.JobProgress(tmp_path, "x", state, min_interval=0.0)
+    p.set_plan(_demo_plan())
+    bars, labels = [], []
+    for name, steps in (("query gradients (loss)", 2), ("EKFAC factors (mc, expand)", 4),
+                        ("EKFAC factors (mc, expand)", 4), ("gradient store (loss, 32 draws)", 4)):
+        for d in range(steps + 1):
+            p(d, steps, name)
+            bars.append(state["overall_fraction"])
+            labels.append((state["stage_index"], state["stage_label"]))
+    assert bars == sorted(bars) and bars[-1] == 1.0
+    assert (3, "EK-FAC pass 2") in labels and labels[-1] == (4, "store")
+    assert "stage 4 of 4" in jobs.describe({**state, "status": "running"})
