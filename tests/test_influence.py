@@ -124,9 +124,12 @@ def test_int8_queries_and_float16_store_keep_ranks(micro_run):
     from attribution.measurements import DrawOptions
 
     imgs = micro_run.dataset().tensors().float()
-    g32 = torch.stack([per_example_gradients(unet, s, imgs, Measurement("loss"), settings.round_draws, 0,
-                                             options=DrawOptions(settings.draw_scheme, False, r)).double()
-                       for r in range(settings.rounds)]).mean(0)  # the store's draws, computed directly
+    from attribution.influence import draw_options
+
+    base = draw_options(micro_run, settings)
+    g32 = sum(d * per_example_gradients(unet, s, imgs, Measurement("loss"), d, 0,
+                                        options=DrawOptions(base.scheme, False, r, base.proposal)).double()
+              for r, d in enumerate(settings.round_draws)) / settings.train_draws  # the store's draws, directly
     qg = query_gradients(micro_run, "queries", [0, 1, 2], Measurement("loss"), 4, 0)
     pq = preconditioner(micro_run, settings).apply(qg)
     ref = pq @ g32.T
@@ -241,18 +244,22 @@ def test_store_grown_in_rounds_equals_one_shot_store(micro_grads, tmp_path):
     imgs = imgs.float()
     m = Measurement("loss")
     opts = DrawOptions(scheme="common", hflip=True)
-    grown = build_gradient_store(tmp_path / "grown", unet, s, imgs, m, 3, 5, chunk_size=5, rounds=2, options=opts)
-    assert grown.rounds_done == 2 and grown.draws_done == 6
-    grown = build_gradient_store(tmp_path / "grown", unet, s, imgs, m, 3, 5, chunk_size=5, rounds=4, options=opts)
-    once = build_gradient_store(tmp_path / "once", unet, s, imgs, m, 3, 5, chunk_size=5, rounds=4, options=opts)
+    sched = [2, 2, 3, 3]  # rounds of different sizes: the halves are draw-weighted means
+    grown = build_gradient_store(tmp_path / "grown", unet, s, imgs, m, 0, 5, chunk_size=5, rounds=2, options=opts,
+                                 round_draws=sched)
+    assert grown.rounds_done == 2 and grown.draws_done == 4
+    grown = build_gradient_store(tmp_path / "grown", unet, s, imgs, m, 0, 5, chunk_size=5, rounds=4, options=opts,
+                                 round_draws=sched)
+    once = build_gradient_store(tmp_path / "once", unet, s, imgs, m, 0, 5, chunk_size=5, rounds=4, options=opts,
+                                round_draws=sched)
     for (va, sa), (vb, sb) in zip(_half_arrays(grown), _half_arrays(once)):
         assert np.array_equal(va, vb) and np.array_equal(sa, sb)
-    direct = [per_example_gradients(unet, s, imgs, m, 3, 5, options=DrawOptions("common", True, r)).double()
-              for r in range(4)]
-    ref = torch.stack(direct).mean(0)
+    direct = [per_example_gradients(unet, s, imgs, m, d, 5, options=DrawOptions("common", True, r)).double()
+              for r, d in enumerate(sched)]
+    ref = sum(g * d for g, d in zip(direct, sched)) / sum(sched)
     tol = float(ref.abs().max()) * 2e-3
     torch.testing.assert_close(once.rows(0, 16).double(), ref, rtol=0, atol=tol)
-    half_a = (direct[0] + direct[2]) / 2
+    half_a = (direct[0] * 2 + direct[2] * 3) / 5
     torch.testing.assert_close(once.halves[0].rows(0, 16).double(), half_a, rtol=0, atol=tol)
     gq = per_example_gradients(unet, s, q.float(), m, 4, 0, offset=QUERY_OFFSET)
     ta, tb, tau = once.score_halves((gq, gq), gq)
@@ -266,10 +273,12 @@ def test_influence_scores_end_to_end_cached(micro_run):
     clear_cache()
     base = InfluenceSettings(**SMALL, seed=11)  # a seed no other test uses: nothing is cached yet
     assert influence_status(micro_run, "queries", [0, 1], base) == {
-        "store": False, "factors": False, "query_gradients": False}
+        "store": False, "factors": False, "query_gradients": False, "store_rounds_done": 0,
+        "store_rounds_total": 2, "preview": False}
     s1 = influence_scores(micro_run, "queries", [0, 1, 2], base)
     assert influence_status(micro_run, "queries", [0, 1], base) == {
-        "store": True, "factors": True, "query_gradients": True}
+        "store": True, "factors": True, "query_gradients": True, "store_rounds_done": 2,
+        "store_rounds_total": 2, "preview": True}
     assert s1.shape == (3, 16) and torch.isfinite(s1).all()
     t0 = time.perf_counter()
     s2 = influence_scores(micro_run, "queries", [2, 0], base)
