@@ -43,7 +43,10 @@ gradient scale of each variant and model; ``DEFAULT_RELATIVE_DAMPING = 0.1`` was
 Caching: training features (and the eigendecomposition of their Gram matrix) are stored under
 ``run.artifact_dir("trak-features", settings)``, keyed by the model fingerprint and every
 setting that changes them; a retrained model gets a new folder. Features are written in shards,
-so an interrupted featurisation resumes.
+so an interrupted featurisation resumes. Training features follow the run's augmentation: for a
+run trained with ``--hflip`` each (t, eps) draw flips the image independently (drawn from the
+example's own keyed stream, as K-FAC's factors and gradient store do), and the cache key says so.
+Queries are generated samples and are never flipped.
 
 Draw keys (:func:`attribution.measurements.example_generator`): training example n draws from key
 n; query i of a query set from key ``QUERY_INDEX_OFFSET + i`` (its GLOBAL index in the set, as
@@ -159,17 +162,26 @@ def featurize(
     stage: str = "gradients",
     done: int = 0,
     total: Optional[int] = None,
+    hflip: bool = False,
 ) -> Tensor:
     """Projected per-example gradients ``[B, k]`` float32 of ``images`` ``[B, C, H, W]``.
 
     ``grad_fn`` defaults to :func:`attribution.gradients.per_example_gradients`; draws of image b
-    are keyed by ``offset + b`` (int ``offset``) or ``offset[b]`` (a sequence of B global keys). ``params``: default ``kfac_parameters(unet)`` (a subset only for
-    tests; cached features always use the default).
+    are keyed by ``offset + b`` (int ``offset``) or ``offset[b]`` (a sequence of B global keys).
+    ``params``: default ``kfac_parameters(unet)`` (a subset only for tests; cached features
+    always use the default). ``hflip``: an independent horizontal flip of the image per (t, eps)
+    draw, from the same keyed stream (``DrawOptions(hflip=True)``; training images of runs
+    trained with flips, never queries).
     """
     from attribution.gradients import kfac_parameters, per_example_gradients
 
     grad_fn = grad_fn or per_example_gradients
     params = kfac_parameters(unet) if params is None else list(params)
+    extra = {}
+    if hflip:  # only then: a grad_fn without draw options still serves flip-free features
+        from attribution.measurements import DrawOptions
+
+        extra["options"] = DrawOptions(hflip=True)
     m = settings.measurement()
     ts = settings.timesteps(schedule.T)
     B = images.shape[0]
@@ -186,7 +198,7 @@ def featurize(
         hi = min(B, lo + step)
         g = grad_fn(unet, schedule, images[lo:hi], m, settings.draws, settings.seed,
                     timesteps=ts, params=params,
-                    offset=offset + lo if isinstance(offset, int) else offset[lo:hi])
+                    offset=offset + lo if isinstance(offset, int) else offset[lo:hi], **extra)
         if g.shape != (hi - lo, projector.in_dim):
             raise UserError(f"gradient function returned shape {tuple(g.shape)}, expected "
                             f"{(hi - lo, projector.in_dim)}")
@@ -207,9 +219,11 @@ def _projector_for(unet, settings: TrakSettings, device) -> Projector:
     return make_projector(settings.projection, P, k, seed=settings.seed, device=device)
 
 
-def _features_dir(run: Run, settings: TrakSettings, projector: Projector, num_train: int) -> Path:
+def _features_dir(run: Run, settings: TrakSettings, projector: Projector, num_train: int, hflip: bool) -> Path:
     args = settings.cache_args(projector.in_dim, num_train)
     args["projector"] = projector.describe()
+    if hflip:  # runs without augmentation keep the cache keys they had
+        args["hflip"] = True
     return run.artifact_dir("trak-features", args)
 
 
@@ -222,15 +236,21 @@ def train_features(
     progress: Progress = None,
     grad_fn=None,
 ) -> tuple[Tensor, Path]:
-    """Cached training features ``Phi: [N, k]`` float32 and their artifact folder."""
+    """Cached training features ``Phi: [N, k]`` float32 and their artifact folder.
+
+    The draws follow the run's training augmentation: a run trained with ``hflip`` gets an
+    independent flip per (t, eps) draw (paper App. G.8), so TRAK attributes the trained objective.
+    """
     from attribution.ddpm import default_device
+    from attribution.influence import run_hflip
 
     device = torch.device(device) if device is not None else default_device()
     unet = unet if unet is not None else run.load_unet(device)
     ds = run.dataset()
     N = len(ds)
+    hflip = run_hflip(run)
     projector = _projector_for(unet, settings, device)
-    d = _features_dir(run, settings, projector, N)
+    d = _features_dir(run, settings, projector, N, hflip)
     final = d / "train_features.safetensors"
     if final.exists():
         feats = load_tensors(final)[0]["features"]
@@ -251,11 +271,12 @@ def train_features(
                 progress(hi, N, "train gradients")
             continue
         f = featurize(unet, schedule, images[lo:hi].to(device), settings, projector, offset=lo,
-                      grad_fn=grad_fn, progress=progress, stage="train gradients", done=lo, total=N)
+                      grad_fn=grad_fn, progress=progress, stage="train gradients", done=lo, total=N,
+                      hflip=hflip)
         save_tensors(path, {"features": f})
         shards.append(f)
     feats = torch.cat(shards)
-    save_tensors(final, {"features": feats}, {"settings": asdict(settings), "num_train": N})
+    save_tensors(final, {"features": feats}, {"settings": asdict(settings), "num_train": N, "hflip": hflip})
     shutil.rmtree(shard_dir, ignore_errors=True)
     return feats, d
 

@@ -11,9 +11,9 @@ import torch
 import attribution.trak as trak
 from attribution.errors import UserError
 from attribution.gradients import kfac_parameters, per_example_gradients
-from attribution.measurements import example_generator
+from attribution.measurements import DrawOptions, example_generator
 from attribution.projection import make_projector
-from attribution.runs import Run
+from attribution.runs import Run, read_json, write_json
 
 
 @pytest.fixture
@@ -182,6 +182,34 @@ def test_query_scores_do_not_depend_on_the_other_queries(run_copy, variant):
         trak.query_keys(2, [1])
     with pytest.raises(UserError):
         trak.trak_scores(run_copy, queries[:2], query_indices=[0], **kw)
+
+
+@pytest.mark.parametrize("variant", ["trak", "dtrak"])
+def test_training_features_follow_the_runs_flip_augmentation(run_copy, variant):
+    """A run trained with --hflip gets an independent flip per (t, eps) training draw, from the
+    example's own keyed stream: features differ from the flip-free ones, equal the projected
+    per_example_gradients(options=DrawOptions(hflip=True)), rebuild identically, live under their
+    own cache key; query features (generated samples) are not flipped."""
+    settings = trak.TrakSettings(variant=variant, proj_dim=64, num_draws=4, num_timesteps=2)
+    queries = run_copy.load_samples("queries")[0]["images"]
+    f0, d0 = trak.train_features(run_copy, settings, device="cpu")
+    q0 = trak.query_features(run_copy, queries, settings, device="cpu")
+    cfg = run_copy.config
+    cfg["train"]["hflip"] = True
+    write_json(run_copy.path / "config.json", cfg)
+    f1, d1 = trak.train_features(run_copy, settings, device="cpu")
+    assert d1 != d0 and read_json(d1 / "args.json")["hflip"] is True
+    assert "hflip" not in read_json(d0 / "args.json")  # flip-free runs keep their old cache keys
+    assert float((f1 - f0).norm() / f0.norm()) > 0.05
+    unet = run_copy.load_unet()
+    G = per_example_gradients(unet, run_copy.schedule(), _train_images(run_copy), settings.measurement(), 4, 0,
+                              timesteps=settings.timesteps(1000), options=DrawOptions(hflip=True))
+    ref = trak._projector_for(unet, settings, torch.device("cpu")).project(G)
+    torch.testing.assert_close(f1, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    shutil.rmtree(d1)
+    f1b, _ = trak.train_features(run_copy, settings, device="cpu")
+    assert torch.equal(f1b, f1)  # reproducible
+    assert torch.equal(trak.query_features(run_copy, queries, settings, device="cpu"), q0)
 
 
 def test_trak_features_cached_and_invalidated_by_model_change(run_copy):
