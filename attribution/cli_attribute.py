@@ -166,7 +166,7 @@ def compute_scores(args, run, indices: list[int], progress):
     b = _baseline(args.method)
     if args.method in ("trak", "dtrak"):
         kw = {} if args.damping is None else {"damping": args.damping}
-        scores = b.trak_scores(run, q, variant=args.method, progress=progress, **kw)
+        scores = b.trak_scores(run, q, variant=args.method, progress=progress, query_indices=indices, **kw)
         config = {"method": args.method, "damping": args.damping, "measurement": "loss" if args.method == "trak"
                   else "square-norm"}
     elif args.method == "clip":

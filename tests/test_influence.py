@@ -87,18 +87,35 @@ def micro_grads(micro_run):
     return unet, s, imgs, q
 
 
-def test_kfac_influence_ranks_correlate_with_dense_exact_ggn_influence(micro_grads):
-    """micro_run restricted to the last up block, conv_out and the mid-block attention (1573
-    parameters): Spearman of K-FAC influence with dense exact-GGN influence, lambda = 1% of the
-    mean GGN eigenvalue, MC Fisher. Measured: expand 0.81, reduce 0.56 (plain gradient dot products: 0.48)."""
+# Spearman of K-FAC influence with dense exact-GGN influence on 19 queries (the 3 samples and the
+# 16 training images, keyed as queries), measured (mean over queries, sem ~0.02-0.07):
+#   last up block + conv_out + mid attention (1573 params): expand 0.80, reduce 0.64, grad dot 0.51;
+#   mid-block attention alone (288 params):                 expand 0.53, reduce 0.58, grad dot 0.30.
+# Every threshold lies above what plain gradient dot products (no curvature) reach, and that is
+# asserted too. K-FAC-reduce averages a conv's inputs over positions, a poor model of a loss summed
+# over them, so on convs it gains least over grad dot (0.13 +- 0.04, paired); on attention it gains
+# 0.28 +- 0.07, which is why the second case exists.
+_RANK_CASES = {
+    "up-block+conv_out+attention": (("up_blocks.1", "conv_out", "mid_block.attentions"),
+                                    {"expand": 0.7, "reduce": 0.58}),
+    "mid-attention": (("mid_block.attentions",), {"expand": 0.42, "reduce": 0.45}),
+}
+
+
+@pytest.mark.parametrize("case", list(_RANK_CASES))
+def test_kfac_influence_ranks_correlate_with_dense_exact_ggn_influence(micro_grads, case):
+    """micro_run restricted to a parameter subset: Spearman of K-FAC influence (MC Fisher) with
+    dense exact-GGN influence at lambda = 1% of the mean GGN-of-the-mean-loss eigenvalue, above
+    thresholds that no-curvature scores (gradient dot products) fail."""
     unet, s, imgs, q = micro_grads
-    prefixes = ("up_blocks.1", "conv_out", "mid_block.attentions")
+    prefixes, threshold = _RANK_CASES[case]
     covered = {id(p) for p in kfac_parameters(unet)}
     names = [n for n, p in unet.named_parameters() if n.startswith(prefixes) and id(p) in covered]
     named = dict(unet.named_parameters())
     S = [named[n] for n in names]
     gtr = per_example_gradients(unet, s, imgs, Measurement("loss"), 4, 0, params=S)
-    gq = per_example_gradients(unet, s, q, Measurement("loss"), 32, 0, params=S, offset=QUERY_OFFSET)
+    gq = per_example_gradients(unet, s, torch.cat([q, imgs]), Measurement("loss"), 32, 0, params=S,
+                               offset=QUERY_OFFSET)
     G = dense_ggn(unet, s, imgs, 4, 0, S)
     lam = 1e-2 * float(torch.linalg.eigvalsh(G).mean()) / 64  # paper units: G is the summed-pixel GGN, D = 64
     exact = DensePreconditioner(G, lam, 64).apply(gq) @ gtr.T
@@ -110,9 +127,11 @@ def test_kfac_influence_ranks_correlate_with_dense_exact_ggn_influence(micro_gra
         op = curvlinops_operator(model, sub, data, fisher="mc", kfac_type=kt, num_data=data.num_rows,
                                  batch_size_fn=lambda X: X["x"].shape[0])
         rho[kt] = _mean_spearman(Preconditioner(op, lam, 64).apply(gq) @ gtr.T, exact)
-    rho["no curvature (grad dot)"] = _mean_spearman(gq @ gtr.T, exact)
-    print(f"Spearman K-FAC vs dense exact-GGN influence: {rho}")
-    assert rho["expand"] > 0.6 and rho["reduce"] > 0.4, rho
+    no_curvature = _mean_spearman(gq @ gtr.T, exact)
+    print(f"Spearman K-FAC vs dense exact-GGN influence ({case}): {rho}, grad dot {no_curvature:.3f}")
+    for kt, t in threshold.items():
+        assert rho[kt] > t, (kt, rho)
+    assert no_curvature < min(threshold.values()), no_curvature  # the thresholds need the curvature
 
 
 def test_int8_queries_and_float16_store_keep_ranks(micro_run):
