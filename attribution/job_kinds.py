@@ -203,7 +203,8 @@ def _run_baseline(run_dir: Path, args: dict, progress):
     method = args["method"]
     if method in ("trak", "dtrak"):
         kw = {k: args[k] for k in ("proj_dim", "damping") if args.get(k) is not None}
-        scores = baselines.trak_scores(run, images, variant=method, progress=progress, **kw)
+        scores = baselines.trak_scores(run, images, variant=method, progress=progress,
+                                       query_indices=list(args["query_indices"]), **kw)
     elif method == "clip":
         scores = baselines.clip_scores(run, images, progress=progress)
     elif method == "pixel":
