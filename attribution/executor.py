@@ -93,11 +93,11 @@ class LocalExecutor(Executor):
 
     kind = ExecutorKind.LOCAL
 
-    def __init__(self, workers: int = 1, threads_per_worker: int = 1):
+    def __init__(self, workers: int = 1, threads_per_worker: int = 1, in_process: Optional[bool] = None):
         if workers < 1:
             raise UserError(f"the number of workers must be >= 1, got {workers}")
         self.workers, self.threads = int(workers), int(threads_per_worker)
-        self.inline = self.workers == 1
+        self.inline = self.workers == 1 if in_process is None else bool(in_process)  # False: a pool even of 1
         self._pool = None
 
     @property
