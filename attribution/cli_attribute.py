@@ -72,7 +72,8 @@ def add_commands(subparsers) -> None:
                    help="K-FAC weight-sharing variant (Eschenhagen et al. 2023); expand is the paper's "
                         "(default: %(default)s)")
     p.add_argument("--damping", type=float, default=None,
-                   help="lambda added to the GGN of the MEAN training loss (paper's normalisation). Default: "
+                   help="lambda added to the GGN of the training loss averaged over examples and pixels (the paper's and its "
+                        "official code's unit: a value from the paper means the same here). Default: "
                         "1e-8 for kfac/ekfac; TRAK/D-TRAK: their adaptive default")
     p.add_argument("--train-draws", type=int, default=32,
                    help="(t, eps) draws per training gradient (default: %(default)s)")

@@ -1,12 +1,13 @@
 """K-FAC / EK-FAC curvature of the diffusion training loss through curvlinops 3.x (method.md §3).
 
-Scaling convention (stated once, tested in tests/test_curvature.py):
-the user-facing damping ``lambda`` is the paper's: it is added to the GGN of the MEAN training
-loss L_D = (1/N) sum_n E_{t,eps} ||eps - eps_theta(x_t, t)||^2 with the squared error SUMMED over
-the D = C*H*W pixels. curvlinops is given ``MSELoss(reduction="mean")`` over rows of flattened
-outputs, which also averages over the D entries, so its matrix is G_curvlinops = G_paper / D and
+Scaling convention (stated once, tested in tests/test_curvature.py and tests/test_influence.py):
+the user-facing damping ``lambda`` is the paper's and its official code's: it is added to the GGN of
+the training loss averaged over the N examples AND over the D = C*H*W pixels (the official code
+builds K-FAC on ``MSELoss(reduction="mean")`` and passes lambda straight to curvlinops; method.md §2).
+curvlinops is given exactly that loss, so G_curvlinops = G_mean. This package's gradients are of the
+squared error SUMMED over pixels (method.md §1), whose GGN is G_sum = D * G_mean, hence
 
-    (G_paper + lambda I)^{-1} = (1/D) (G_curvlinops + (lambda / D) I)^{-1}.
+    (G_sum + D * lambda I)^{-1} = (1/D) (G_curvlinops + lambda I)^{-1}.
 
 :class:`Preconditioner` applies the right-hand side with curvlinops' exact damping
 (``KFACInverseLinearOperator(..., use_exact_damping=True)``), in float64.
@@ -216,8 +217,9 @@ def operator_from_tensors(model, params, data, tensors: dict[str, Tensor], meta:
 
 
 class Preconditioner:
-    """(G_paper + lambda I)^{-1} with exact damping for an (E)KFAC operator ``op`` of a
-    mean-reduced MSE over ``output_dim`` = D entries (see the module docstring).
+    """(G_sum + D lambda I)^{-1} = (1/D) (G_mean + lambda I)^{-1} with exact damping for an (E)KFAC
+    operator ``op`` of a mean-reduced MSE over ``output_dim`` = D entries; lambda is the paper's
+    (see the module docstring).
 
     ``apply(V)`` takes ``[Q, P]`` (rows in ``params`` order) and returns ``[Q, P]`` float64.
     For K-FAC the factors' eigendecompositions are computed once (float64, eigenvalues clipped at
@@ -236,7 +238,7 @@ class Preconditioner:
                 compute_factors(op)
             elif not self.is_ekfac and not (op._input_covariances or op._gradient_covariances):  # noqa: SLF001
                 compute_factors(op)
-        inv = KFACInverseLinearOperator(op, damping=self.damping / self.D, use_exact_damping=True)
+        inv = KFACInverseLinearOperator(op, damping=self.damping, use_exact_damping=True)
         if not self.is_ekfac:
             if _eig_state is None:
                 _eig_state = self._eigendecompose(op)
@@ -266,7 +268,7 @@ class Preconditioner:
 
     @torch.no_grad()
     def apply(self, V: Tensor) -> Tensor:
-        """(G_paper + lambda I)^{-1} V^T, transposed back: ``[Q, P]`` float64."""
+        """(G_sum + D lambda I)^{-1} V^T, transposed back: ``[Q, P]`` float64."""
         dtype = self.inv.dtype
         out = self.inv @ V.to(dtype).T.contiguous()
         return (out.T / self.D).to(torch.float64)
@@ -376,15 +378,20 @@ def dense_ggn(unet, schedule: Schedule, images: Tensor, draws: int, seed: int, p
 
 
 class DensePreconditioner:
-    """(G + lambda I)^{-1} for an explicit matrix ``G`` ``[P, P]`` (exact references on small
-    problems); same ``apply`` / ``with_damping`` interface as :class:`Preconditioner`."""
+    """(G + D lambda I)^{-1} for an explicit matrix ``G`` ``[P, P]`` (exact references on small
+    problems); same ``apply`` / ``with_damping`` interface as :class:`Preconditioner`.
 
-    def __init__(self, G: Tensor, damping: float):
-        self.G, self.damping = G.double(), float(damping)
-        self._chol = torch.linalg.cholesky(self.G + self.damping * torch.eye(G.shape[0], dtype=torch.float64))
+    With ``G = dense_ggn(...)`` (summed-pixel scaling) and ``output_dim = D`` it is the exact
+    counterpart of :class:`Preconditioner` at the same paper-scale ``damping``; ``output_dim = 1``
+    adds ``damping`` to ``G`` as given."""
+
+    def __init__(self, G: Tensor, damping: float, output_dim: int = 1):
+        self.G, self.damping, self.D = G.double(), float(damping), int(output_dim)
+        eye = torch.eye(G.shape[0], dtype=torch.float64)
+        self._chol = torch.linalg.cholesky(self.G + self.D * self.damping * eye)
 
     def with_damping(self, damping: float) -> "DensePreconditioner":
-        return DensePreconditioner(self.G, damping)
+        return DensePreconditioner(self.G, damping, self.D)
 
     def apply(self, V: Tensor) -> Tensor:
         return torch.cholesky_solve(V.double().T, self._chol).T

@@ -49,7 +49,7 @@ class InfluenceSettings:
     method: str = "kfac"  # "kfac" | "ekfac"
     fisher: str = "mc"  # "mc" | "empirical"
     kfac_type: str = "expand"  # "expand" | "reduce"
-    damping: float = 1e-8  # paper's lambda (GGN of the mean loss, squared error summed over pixels)
+    damping: float = 1e-8  # the paper's lambda: added to the GGN of the loss averaged over examples AND pixels
     measurement: str = "loss"  # measurement being explained (parse_measurement syntax)
     approx_measurement: Optional[str] = None  # measurement whose gradient is used; None = same
     train_draws: int = 32  # (t, eps) draws per training gradient (the store)

@@ -1,5 +1,5 @@
 """Curvature: K-FAC against exact GGNs where it is provably exact, MC in expectation, exact
-damping, the paper <-> curvlinops scaling (lambda_curvlinops = lambda_paper / D), caching."""
+damping, the paper <-> curvlinops scaling (lambda_curvlinops = lambda_paper; G_sum = D G_mean), caching."""
 
 from __future__ import annotations
 
@@ -93,8 +93,8 @@ def test_mc_fisher_matches_ggn_in_expectation():
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
 def test_exact_damping_inverts_damped_operator_in_paper_scaling(method):
-    """Preconditioner(lambda) @ (D * G_curvlinops + lambda I) = I, i.e. it inverts the paper's
-    damped GGN with lambda_curvlinops = lambda / D."""
+    """Preconditioner(lambda) @ (D * G_curvlinops + D * lambda I) = I: lambda is added to the GGN of
+    the pixel-mean loss (the paper's / official code's unit), the gradients are pixel sums."""
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4)).double()
     params = list(model.parameters())
@@ -102,13 +102,13 @@ def test_exact_damping_inverts_damped_operator_in_paper_scaling(method):
     P = sum(p.numel() for p in params)
     op = curvlinops_operator(model, params, data, method=method, fisher="empirical", num_data=N)
     D, lam = 4, 1e-3
-    G_paper = D * _dense(op, P)
+    G_paper = D * _dense(op, P)  # G_sum: squared error summed over the D outputs
     pre = Preconditioner(op, lam, D)
-    M = pre.apply(G_paper + lam * torch.eye(P, dtype=torch.float64))
+    M = pre.apply(G_paper + D * lam * torch.eye(P, dtype=torch.float64))
     torch.testing.assert_close(M, torch.eye(P, dtype=torch.float64), rtol=0, atol=1e-7)
     # another damping reuses the factorisation and is still exact
     pre2 = pre.with_damping(0.5)
-    torch.testing.assert_close(pre2.apply(G_paper + 0.5 * torch.eye(P, dtype=torch.float64)),
+    torch.testing.assert_close(pre2.apply(G_paper + D * 0.5 * torch.eye(P, dtype=torch.float64)),
                                torch.eye(P, dtype=torch.float64), rtol=0, atol=1e-9)
     with pytest.raises(UserError):
         Preconditioner(op, -1.0, D)

@@ -100,8 +100,8 @@ def test_kfac_influence_ranks_correlate_with_dense_exact_ggn_influence(micro_gra
     gtr = per_example_gradients(unet, s, imgs, Measurement("loss"), 4, 0, params=S)
     gq = per_example_gradients(unet, s, q, Measurement("loss"), 32, 0, params=S, offset=QUERY_OFFSET)
     G = dense_ggn(unet, s, imgs, 4, 0, S)
-    lam = 1e-2 * float(torch.linalg.eigvalsh(G).mean())
-    exact = DensePreconditioner(G, lam).apply(gq) @ gtr.T
+    lam = 1e-2 * float(torch.linalg.eigvalsh(G).mean()) / 64  # paper units: G is the summed-pixel GGN, D = 64
+    exact = DensePreconditioner(G, lam, 64).apply(gq) @ gtr.T
     model = FlatEpsNet(unet)
     sub = [dict(model.named_parameters())["unet." + n] for n in names]
     rho = {}
