@@ -135,7 +135,8 @@ def cmd_lds_score(args) -> int:
 
 
 def cmd_counterfactual(args) -> int:
-    from attribution.evaluation import CounterfactualJob, canonical_measurement, run_counterfactual
+    from attribution.counterfactual import CounterfactualJob, run_counterfactual
+    from attribution.evaluation import canonical_measurement
     from attribution.runs import open_run
 
     run = open_run(args.run)

@@ -215,15 +215,16 @@ def run_lds_units(run: Run, job, executor, stages: Sequence[str] = ("train", "me
 
 def run_counterfactual_units(run: Run, job, root: Path, plan: Sequence[tuple], steps: int, key: str, qd: str,
                              executor, progress=None, should_stop=None) -> bool:
-    """The counterfactual models of ``plan`` (see evaluation.counterfactual_plan) as tasks."""
+    """The counterfactual models of ``plan`` (see counterfactual.counterfactual_plan) as tasks."""
     from attribution import evaluation as ev
+    from attribution.counterfactual import counterfactual_unit_dir
 
     base = ev.train_indices(run)
     common = dict(spec=run.dataset_spec(), schedule=run.config.get("schedule") or {}, num_draws=job.num_draws,
                   measure_seed=job.measure_seed, batch_size=job.batch_size)
     units, paths = [], []
     for name, q, r, keep in plan:
-        path = ev.counterfactual_unit_dir(root, name, q, r, keep)
+        path = counterfactual_unit_dir(root, name, q, r, keep)
         has = Run(path).has_model()
         measured = (path / "measurements" / f"{key}.safetensors").exists()
         if has and measured:
@@ -245,3 +246,39 @@ def _asdict(cfg) -> dict:
 
     return asdict(cfg)
 
+
+
+# ----------------------------------------------------------------------------- entry points for the app
+
+
+def ground_truth_job(run: Run, job, progress=None, should_stop=None, workers: int = 1,
+                     address: Optional[str] = None) -> Optional[dict]:
+    """LDS ground truth for ``job`` on the configured executor, collected and saved.
+
+    The executor is :func:`attribution.executor.configured_executor`: the Ray cluster at
+    ``address`` or ``$ATTRIBUTION_RAY_ADDRESS`` when set, else local (``workers`` processes; 1 =
+    in this process). Resumable. Returns ``{"truth_dir", "executor"}``, or None when
+    ``should_stop`` ended it early (a progress callback that raises, like the app's JobProgress
+    on cancel, stops it too, between units).
+    """
+    from attribution import evaluation as ev
+    from attribution.executor import configured_executor
+
+    with configured_executor(workers, address) as executor:
+        desc = executor.describe()
+        if not ev.run_lds_job(run, job, progress=progress, should_stop=should_stop, executor=executor):
+            return None
+    ev.collect_ground_truth(run, job)
+    return {"truth_dir": str(ev.truth_dir(run, job)), "executor": desc}
+
+
+def counterfactual_job(run: Run, job, scores: dict, progress=None, should_stop=None, workers: int = 1,
+                       address: Optional[str] = None) -> Optional[dict]:
+    """:func:`attribution.counterfactual.run_counterfactual` on the configured executor (as
+    :func:`ground_truth_job`); returns the report (with ``"executor"``), or None if stopped."""
+    from attribution.counterfactual import run_counterfactual
+    from attribution.executor import configured_executor
+
+    with configured_executor(workers, address) as executor:
+        report = run_counterfactual(run, job, scores, progress=progress, should_stop=should_stop, executor=executor)
+        return None if report is None else {**report, "executor": executor.describe()}

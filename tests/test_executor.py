@@ -49,6 +49,12 @@ def reference(micro_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pool():
+    with LocalExecutor(2) as ex:
+        yield ex
+
+
+@pytest.fixture(scope="module")
 def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
@@ -64,11 +70,10 @@ def ray_cluster():
     cluster.shutdown()
 
 
-def test_local_pool_gives_identical_ground_truth(reference, tmp_path):
+def test_local_pool_gives_identical_ground_truth(reference, pool, tmp_path):
     ref_run, job, truth = reference
     run = _copy(ref_run, tmp_path / "run")
-    with LocalExecutor(2) as ex:
-        assert ev.run_lds_job(run, job, executor=ex)
+    assert ev.run_lds_job(run, job, executor=pool)
     _assert_same(_truth(run, job), truth)
     # the models themselves are bit-identical to the in-process ones
     for m, r in ev.units(job):
@@ -101,6 +106,21 @@ def test_ray_on_two_nodes_gives_identical_ground_truth_and_resumes(reference, ra
     ex.close()
 
 
+def test_app_entry_point_submits_to_the_configured_cluster(reference, ray_cluster, tmp_path, monkeypatch):
+    from attribution.retrain_units import ground_truth_job
+
+    ref_run, job, truth = reference
+    run = Run(tmp_path / "run")
+    shutil.copytree(ref_run.path, run.path)  # with its retrained models: only the new measurement runs
+    job2 = ev.LDSJob(**{**JOB, "measurements": ("loss", "lt:3")})
+    monkeypatch.setenv("ATTRIBUTION_RAY_ADDRESS", ray_cluster.address)
+    out = ground_truth_job(run, job2)
+    assert out["executor"].startswith("ray executor") and "2 node(s)" in out["executor"]
+    saved = ev.find_ground_truth(run, "loss")
+    assert torch.equal(saved.values, truth["loss"][0]) and saved.meta["draw_stream"] == ev.TRUTH_STREAM
+    assert ev.find_ground_truth(run, "lt:3").values.shape == (2, 2, 3)
+
+
 def _ray_task_pids(name: str) -> list[int]:
     """Processes whose title is ``ray::<name>`` (a Ray worker running that task)."""
     out = []
@@ -116,7 +136,7 @@ def _ray_task_pids(name: str) -> list[int]:
 
 
 def test_killed_ray_worker_is_retried_with_identical_results(micro_run, ray_cluster, tmp_path):
-    job = ev.LDSJob(**{**JOB, "steps": 300, "num_subsets": 1, "num_seeds": 2, "measurements": ("loss",)})
+    job = ev.LDSJob(**{**JOB, "steps": 150, "num_subsets": 1, "num_seeds": 1, "measurements": ("loss",)})
     ref = _copy(micro_run, tmp_path / "ref")
     assert ev.run_lds_job(ref, job, device=torch.device("cpu"))
     run = _copy(micro_run, tmp_path / "run")
@@ -129,9 +149,10 @@ def test_killed_ray_worker_is_retried_with_identical_results(micro_run, ray_clus
     while killed is None and time.time() < end and worker.is_alive():
         pids = _ray_task_pids("retrain_unit")
         if pids:
-            time.sleep(1.0)  # mid-task: importing or training, never finished (300 steps)
-            os.kill(pids[0], signal.SIGKILL)
-            killed = pids[0]
+            time.sleep(1.0)  # mid-task (importing or training: 150 steps take longer)
+            if pids[0] in _ray_task_pids("retrain_unit"):  # still running its unit
+                os.kill(pids[0], signal.SIGKILL)
+                killed = pids[0]
         time.sleep(0.05)
     worker.join(300)
     assert killed is not None, "no Ray worker was seen running a unit"
@@ -180,8 +201,8 @@ def test_executor_factory_and_configured_address(monkeypatch):
         configured_executor()
 
 
-def test_unit_errors_surface_as_user_errors(micro_run, tmp_path):
+def test_unit_errors_surface_as_user_errors(micro_run, pool, tmp_path):
     run = _copy(micro_run, tmp_path / "run")
     job = ev.LDSJob(**{**JOB, "measurements": ("lt:5000",)})  # timestep out of range, found in the worker
-    with LocalExecutor(2) as ex, pytest.raises(UserError, match="timestep must lie"):
-        ev.run_lds_job(run, job, executor=ex)
+    with pytest.raises(UserError, match="timestep must lie"):
+        ev.run_lds_job(run, job, executor=pool)
