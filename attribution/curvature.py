@@ -33,9 +33,10 @@ from torch import Tensor
 from attribution.ddpm import FlatEpsNet, Schedule
 from attribution.errors import UserError
 from attribution.gradients import kfac_parameters
-from attribution.measurements import Measurement, draw_plan, example_groups
+from attribution.measurements import DrawOptions, Measurement, draw_plan, example_groups
 
 Progress = Optional[Callable[[int, int, str], None]]
+PASS_NAMES = ("Kronecker factors", "eigenvalue correction")  # EK-FAC's two data passes
 
 
 class CurvatureMethod(str, Enum):
@@ -80,6 +81,7 @@ class CurvatureConfig:
     draws: int = 8  # (t, eps) draws per training example
     seed: int = 0
     mc_samples: int = 1  # labels per row for the MC Fisher
+    hflip: bool = False  # the run's training augmentation: a random flip per draw (paper App. G.8)
 
     def __post_init__(self):
         object.__setattr__(self, "method", _enum(CurvatureMethod, self.method, "Hessian approximation").value)
@@ -91,7 +93,10 @@ class CurvatureConfig:
             raise UserError("mc_samples > 1 only makes sense for the MC Fisher")
 
     def key(self) -> dict:
-        return asdict(self)
+        k = asdict(self)
+        if not self.hflip:
+            k.pop("hflip")  # runs without augmentation keep the cache keys they had
+        return k
 
 
 # ----------------------------------------------------------------------------- data
@@ -105,11 +110,14 @@ class TrainingRows:
     """
 
     def __init__(self, schedule: Schedule, images: Tensor, draws: int, seed: int, dtype=torch.float32,
-                 rows_per_batch: int = 256, progress: Progress = None, stage: str = "curvature"):
+                 rows_per_batch: int = 256, progress: Progress = None, stage: str = "curvature",
+                 hflip: bool = False, passes: int = 1):
         self.schedule, self.images, self.draws, self.seed = schedule, images, draws, seed
         self.dtype, self.rows_per_batch = dtype, rows_per_batch
         self.progress, self.stage = progress, stage
+        self.options = DrawOptions(hflip=hflip)
         self.groups = list(example_groups(images.shape[0], draws, rows_per_batch))
+        self.passes, self._traversal = passes, 0
 
     @property
     def num_rows(self) -> int:
@@ -118,14 +126,24 @@ class TrainingRows:
     def __len__(self) -> int:
         return len(self.groups)
 
+    def stage_name(self) -> str:
+        """The stage of the current traversal: EK-FAC's two passes get their own names."""
+        if self.passes < 2:
+            return self.stage
+        what = PASS_NAMES[min(self._traversal, len(PASS_NAMES) - 1)]
+        return f"{self.stage}, pass {min(self._traversal + 1, self.passes)} of {self.passes}: {what}"
+
     def __iter__(self):
+        stage = self.stage_name()
         for k, group in enumerate(self.groups):
-            plan = draw_plan(self.schedule, self.images, Measurement("loss"), self.draws, self.seed, group)
+            plan = draw_plan(self.schedule, self.images, Measurement("loss"), self.draws, self.seed, group,
+                             options=self.options)
             if self.progress is not None:
-                self.progress(k, len(self.groups), self.stage)
+                self.progress(k, len(self.groups), stage)
             yield {"x": plan.x_in.to(self.dtype), "t": plan.t}, plan.target.flatten(1).to(self.dtype)
         if self.progress is not None:
-            self.progress(len(self.groups), len(self.groups), self.stage)
+            self.progress(len(self.groups), len(self.groups), stage)
+        self._traversal += 1
 
 
 def _batch_size(X) -> int:
@@ -290,8 +308,9 @@ def build_factors(unet, schedule: Schedule, images: Tensor, cfg: CurvatureConfig
     """
     model = FlatEpsNet(unet).eval()
     params = kfac_parameters(model)
-    stage = f"{cfg.method.upper()} factors ({cfg.fisher}, {cfg.kfac_type})"
-    data = TrainingRows(schedule, images, cfg.draws, cfg.seed, params[0].dtype, rows_per_batch, progress, stage)
+    stage = f"{'EK-FAC' if cfg.method == 'ekfac' else 'K-FAC'} factors ({cfg.fisher} Fisher, {cfg.kfac_type})"
+    data = TrainingRows(schedule, images, cfg.draws, cfg.seed, params[0].dtype, rows_per_batch, progress, stage,
+                        hflip=cfg.hflip, passes=2 if cfg.method == "ekfac" else 1)
     op = curvlinops_operator(model, params, data, method=cfg.method, fisher=cfg.fisher, kfac_type=cfg.kfac_type,
                              num_data=data.num_rows, num_per_example_loss_terms=1, mc_samples=cfg.mc_samples,
                              seed=cfg.seed, batch_size_fn=_batch_size)
