@@ -26,38 +26,38 @@ def _model_and_images(run):
     return run.load_unet(torch.device("cpu")).float().eval(), training_images(run)
 
 
-def store_dir(run, settings, unet) -> Path:
+def store_dir(run, settings) -> Path:
     """The store directory :func:`attribution.influence.gradient_store` uses for ``settings``."""
-    from attribution.gradients import kfac_parameters, num_parameters
-    from attribution.influence import TRAINING_LOSS
+    from attribution import influence
 
-    args = {"measurement": str(TRAINING_LOSS), "draws": settings.train_draws, "seed": settings.seed,
-            "dtype": settings.store_dtype, "params": "kfac", "p": num_parameters(kfac_parameters(unet))}
-    return run.artifact_dir("grad_store", args)
+    return influence._store_dir(run, settings, influence._CACHE.get(run))  # noqa: SLF001 - see the report
 
 
-def factors_path(run, cfg) -> Path:
-    """Where :func:`attribution.curvature.curvature_factors` keeps the factors for ``cfg``."""
-    return run.artifact_dir("curvature", cfg.key()) / "factors.safetensors"
+def factors_path(run, settings) -> Path:
+    """Where :func:`attribution.curvature.curvature_factors` keeps the factors for ``settings``."""
+    from attribution.influence import run_hflip
+
+    return run.artifact_dir("curvature", settings.curvature(run_hflip(run)).key()) / "factors.safetensors"
 
 
 def build_store(run, settings, executor=None, num_shards: Optional[int] = None, progress=None, should_stop=None):
-    """The run's training-gradient store for ``settings``; sharded over a non-inline executor.
-    Returns the store, or None if stopped early (call again to resume)."""
-    from attribution.gradients import GradientStore, build_gradient_store
-    from attribution.influence import TRAINING_LOSS
+    """The run's training-gradient store for ``settings`` (all its rounds), as ``attribute``
+    would build it; sharded over a non-inline executor. Returns the store, or None if stopped
+    early (call again to resume)."""
+    from attribution.influence import TRAINING_LOSS, draw_options, store_rounds_done
     from attribution.sharding import build_gradient_store_sharded
+    from attribution.store import GradientStore, build_gradient_store
 
-    unet, images = _model_and_images(run)
-    d = store_dir(run, settings, unet)
-    if (d / "progress.json").exists() and (d / "store.json").exists() and GradientStore(d).complete:
+    d = store_dir(run, settings)
+    if store_rounds_done(run, settings) >= settings.rounds:
         return GradientStore(d)
+    unet, images = _model_and_images(run)
+    args = (d, unet, run.schedule(), images, TRAINING_LOSS, settings.round_draws, settings.seed)
+    kw = dict(dtype=settings.store_dtype, progress=progress, rounds=settings.rounds,
+              options=draw_options(run, settings, progress))
     if executor is None or executor.inline:
-        return build_gradient_store(d, unet, run.schedule(), images, TRAINING_LOSS, settings.train_draws,
-                                    settings.seed, dtype=settings.store_dtype, progress=progress)
-    return build_gradient_store_sharded(d, unet, run.schedule(), images, TRAINING_LOSS, settings.train_draws,
-                                        settings.seed, executor, dtype=settings.store_dtype, num_shards=num_shards,
-                                        progress=progress, should_stop=should_stop)
+        return build_gradient_store(*args, **kw)
+    return build_gradient_store_sharded(*args, executor=executor, num_shards=num_shards, should_stop=should_stop, **kw)
 
 
 def build_curvature(run, settings, executor=None, num_shards: Optional[int] = None, progress=None,
@@ -65,11 +65,12 @@ def build_curvature(run, settings, executor=None, num_shards: Optional[int] = No
     """The run's (E)K-FAC factors for ``settings``; sharded over a non-inline executor.
     Returns their path, or None if stopped early (finished shards are kept for the resume)."""
     from attribution.curvature import curvature_factors
+    from attribution.influence import run_hflip
     from attribution.runs import save_tensors
     from attribution.sharding import build_factors_sharded
 
-    cfg = settings.curvature()
-    path = factors_path(run, cfg)
+    cfg = settings.curvature(run_hflip(run))
+    path = factors_path(run, settings)
     if path.exists():
         return path
     unet, images = _model_and_images(run)
@@ -103,7 +104,8 @@ def cmd_build(args) -> int:
     if not run.has_model():
         raise UserError(f"run {run.path} has no trained model yet; train it first")
     settings = InfluenceSettings(method=args.method, fisher=args.fisher, kfac_type=args.kfac_type,
-                                 train_draws=args.train_draws, factor_draws=args.factor_draws, seed=args.seed,
+                                 train_draws=args.train_draws, train_rounds=args.train_rounds,
+                                 draw_scheme=args.draw_scheme, factor_draws=args.factor_draws, seed=args.seed,
                                  store_dtype=args.store_dtype)
     executor = executor_from_args(args)
     progress = _progress(args.quiet)
@@ -114,6 +116,7 @@ def cmd_build(args) -> int:
             out["store"] = str(store.dir)
         if "factors" in what:
             out["factors"] = str(build_curvature(run, settings, executor, args.shards, progress))
+        out["settings"] = settings.to_dict()
     except KeyboardInterrupt:
         print("\ninterrupted; finished chunks and shards are kept. Re-run the same command to resume.", file=sys.stderr)
         return 130
@@ -125,6 +128,7 @@ def cmd_build(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from attribution.cli_attribute import DEFAULTS, SCHEMES
     from attribution.cli_evaluation import add_executor_args
 
     p = sub.add_parser("build", help="build a run's gradient store and K-FAC factors (optionally sharded)",
@@ -138,9 +142,14 @@ def add_commands(sub) -> None:
     p.add_argument("--fisher", default="mc", choices=("mc", "empirical"), help="(default: %(default)s)")
     p.add_argument("--kfac", dest="kfac_type", default="expand", choices=("expand", "reduce"),
                    help="(default: %(default)s)")
-    p.add_argument("--train-draws", type=int, default=32,
-                   help="(t, eps) draws per training gradient (default: %(default)s)")
-    p.add_argument("--factor-draws", type=int, default=8,
+    p.add_argument("--train-draws", type=int, default=DEFAULTS["train_draws"],
+                   help="(t, eps) draws per training gradient, over all rounds (default: %(default)s)")
+    p.add_argument("--train-rounds", type=int, default=None,
+                   help="rounds the store grows in (default: as `attribute`, the largest divisor of "
+                        "--train-draws up to 8)")
+    p.add_argument("--draw-scheme", default=DEFAULTS["draw_scheme"], choices=SCHEMES,
+                   help="training-side draw scheme, as `attribute` (default: %(default)s)")
+    p.add_argument("--factor-draws", type=int, default=DEFAULTS["factor_draws"],
                    help="(t, eps) draws per training example for the factors (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (default: %(default)s)")
     p.add_argument("--store-dtype", default="float16", choices=("float16", "int8"), help="(default: %(default)s)")

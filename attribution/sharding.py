@@ -2,11 +2,12 @@
 that executor units (a local process pool or Ray tasks) compute; the driver merges them into
 exactly what a single-process build gives.
 
-- **Gradient store.** Shards are whole 64-row chunks of :func:`gradients.build_gradient_store`,
-  each computed by the same calls (``per_example_gradients`` with the chunk's global ``offset``,
-  then ``quantize_rows``), so the merged ``grads.npy`` / ``scales.npy`` are bit-identical to a
-  single-process build (same layout: ``store.json``, ``progress.json``). Finished shards are
-  recorded in ``shards.json`` while the build runs: an interrupted build resumes.
+- **Gradient store** (:mod:`attribution.store`: rounds of draws averaged into two halves).
+  Each round's shards are whole 64-row chunks, computed by the same calls as the store's
+  (``per_example_gradients`` with the chunk's global ``offset`` and the round's draw options);
+  the driver averages them into their half and quantises exactly as the store does, so every
+  file is bit-identical to a single-process build. Finished shards of the round being built are
+  recorded in ``half<h>/next/shards.json``: an interrupted build resumes.
 - **Kronecker factors.** Shards are runs of whole batches of :class:`curvature.TrainingRows`
   (same rows, same draws). curvlinops accumulates every factor as a sum over batches of terms
   already divided by ``num_data``; each shard gets the full data's ``num_data``, so the full
@@ -79,98 +80,125 @@ def store_shard_ranges(n: int, num_shards: int, chunk_size: int = STORE_CHUNK) -
 
 
 def store_shard(model: dict, schedule, images: np.ndarray, start: int, measurement: str, num_draws: int,
-                seed: int, dtype: str, blocks: list[int], timesteps, chunk_size: int, rows_per_batch: int):
-    """Worker side: rows ``start .. start + len(images)`` of the store, chunk by chunk exactly as
-    build_gradient_store computes them. Returns ``(start, values [n, P], scales [n, B])``."""
-    from attribution.gradients import per_example_gradients, quantize_rows
+                seed: int, timesteps, chunk_size: int, rows_per_batch: int, options):
+    """Worker side: one round's gradients of rows ``start .. start + len(images)``, chunk by chunk
+    exactly as store.build_gradient_store computes them. Returns ``(start, g [n, P])`` in the
+    model's dtype (the driver averages it into its half and quantises, as the store does)."""
+    from attribution.gradients import per_example_gradients
     from attribution.measurements import parse_measurement
 
     unet = unpack_unet(model, _device())
     x = torch.from_numpy(np.array(images))
     m = parse_measurement(measurement)
-    vals, scales = [], []
+    out = []
     for c0 in range(0, x.shape[0], chunk_size):
         c1 = min(x.shape[0], c0 + chunk_size)
         g = per_example_gradients(unet, schedule, x[c0:c1], m, num_draws, seed, timesteps=timesteps,
-                                  offset=start + c0, rows_per_batch=rows_per_batch)
+                                  offset=start + c0, rows_per_batch=rows_per_batch, options=options)
         if not torch.isfinite(g).all():
             raise UserError(f"non-finite training gradients in rows {start + c0}..{start + c1 - 1}; check the model")
-        q, s = quantize_rows(g, dtype, blocks)
-        vals.append(q)
-        scales.append(s)
-    return start, np.concatenate(vals), np.concatenate(scales)
-
-
-def _store_meta(unet, n: int, m, num_draws: int, seed: int, dtype: str, timesteps) -> dict:
-    """``store.json`` as gradients.build_gradient_store writes it."""
-    from attribution.gradients import kfac_parameters
-
-    sizes = [q.numel() for q in kfac_parameters(unet)]
-    p = sum(sizes)
-    return {"n": n, "p": p, "dtype": dtype, "blocks": sizes if dtype == "int8" else [p], "measurement": str(m),
-            "draws": num_draws, "seed": seed, "timesteps": list(timesteps) if timesteps is not None else None}
+        out.append(g.cpu())
+    return start, torch.cat(out).numpy()
 
 
 def build_gradient_store_sharded(directory: Path, unet, schedule, images: Tensor, m, num_draws: int, seed: int,
                                  executor, dtype: str = "float16", timesteps=None, num_shards: Optional[int] = None,
                                  chunk_size: int = STORE_CHUNK, progress: Progress = None,
-                                 rows_per_batch: Optional[int] = None, should_stop=None):
-    """:func:`gradients.build_gradient_store` with its chunks computed as executor units.
-
-    ``num_shards`` default: 2 per executor slot. Returns the :class:`GradientStore`, or None when
+                                 rows_per_batch: Optional[int] = None, rounds: int = 1, options=None,
+                                 should_stop=None):
+    """:func:`store.build_gradient_store` (``rounds`` rounds of ``num_draws`` draws, the same
+    layout and bits) with each round's chunks computed as executor units. Resumable at shard
+    granularity. ``num_shards`` default: 2 per executor slot. Returns the store, or None when
     ``should_stop`` ended the build early (call again to resume).
     """
-    from attribution.gradients import ROWS_PER_BATCH, STORE_DTYPES, GradientStore
+    from attribution.gradients import ROWS_PER_BATCH, kfac_parameters
+    from attribution.measurements import PLAIN_DRAWS, DrawOptions
+    from attribution.store import (
+        STORE_DTYPES,
+        GradientStore,
+        StoreHalf,
+        _swap_in,
+        quantize_rows,
+        rounds_in_half,
+        store_meta,
+    )
 
+    options = options or PLAIN_DRAWS
     if dtype not in STORE_DTYPES:
         raise UserError(f"unknown gradient store dtype {dtype!r}; choose {' or '.join(STORE_DTYPES)}")
+    if rounds < 1:
+        raise UserError(f"a gradient store needs at least one round, got {rounds}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     n = int(images.shape[0])
-    meta = _store_meta(unet, n, m, num_draws, seed, dtype, timesteps)
+    sizes = [q.numel() for q in kfac_parameters(unet)]
+    p = sum(sizes)
+    blocks = sizes if dtype == "int8" else [p]
+    meta = store_meta(n, p, dtype, blocks, m, num_draws, seed, timesteps, options)
     if (directory / "store.json").exists() and read_json(directory / "store.json") != meta:
         raise UserError(f"gradient store {directory} was built with other settings; delete it and rebuild")
-    npdtype = np.float16 if dtype == "float16" else np.int8
     if not (directory / "progress.json").exists():
-        np.lib.format.open_memmap(directory / "grads.npy", mode="w+", dtype=npdtype, shape=(n, meta["p"])).flush()
-        np.lib.format.open_memmap(directory / "scales.npy", mode="w+", dtype=np.float32,
-                                  shape=(n, len(meta["blocks"]))).flush()
         write_json(directory / "store.json", meta)
-        write_json(directory / "progress.json", {"rows_done": 0})
-    done = np.zeros(n, dtype=bool)
-    done[: int(read_json(directory / "progress.json")["rows_done"])] = True
-    ledger = directory / "shards.json"
-    for a, b in (read_json(ledger)["done"] if ledger.exists() else []):
-        done[a:b] = True
-    stage = f"gradient store ({m}, {num_draws} draws, sharded)"
-    shards = store_shard_ranges(n, num_shards or 2 * executor.slots, chunk_size)
-    todo = [(a, b) for a, b in shards if not done[a:b].all()]
-    if progress is not None:
-        progress(int(done.sum()), n, stage)
+        write_json(directory / "progress.json", {"rounds_done": 0, "rows_done": 0})
+    first = int(read_json(directory / "progress.json")["rounds_done"])
+    total = max(0, rounds - first) * n
+    stage = f"training gradients ({num_draws} draws per round, {rounds} rounds, sharded)"
     model = pack_unet(unet)
     x = images.detach().cpu().numpy()
-    items = [(model, schedule, x[a:b], a, str(m), num_draws, seed, dtype, meta["blocks"], timesteps, chunk_size,
-              rows_per_batch or ROWS_PER_BATCH) for a, b in todo]
-
-    def on_result(_i, result):
-        start, q, s = result
-        values = np.load(directory / "grads.npy", mmap_mode="r+")
-        scales = np.load(directory / "scales.npy", mmap_mode="r+")
-        values[start:start + len(q)] = q
-        scales[start:start + len(q)] = s
-        values.flush()
-        scales.flush()
-        del values, scales
-        done[start:start + len(q)] = True
-        runs = _true_runs(done)
-        write_json(ledger, {"done": runs})
-        write_json(directory / "progress.json", {"rows_done": runs[0][1] if runs and runs[0][0] == 0 else 0})
+    shards = store_shard_ranges(n, num_shards or 2 * executor.slots, chunk_size)
+    npdtype = np.float16 if dtype == "float16" else np.int8
+    for r in range(first, rounds):
+        half = r % 2
+        prev = rounds_in_half(r, half)  # rounds already averaged into this half
+        hdir = directory / f"half{half}"
+        nxt = hdir / "next"
+        nxt.mkdir(parents=True, exist_ok=True)
+        rows_done = int(read_json(directory / "progress.json")["rows_done"])
+        ledger = nxt / "shards.json"  # finished row ranges of this round (removed with next/)
+        if rows_done == 0 or not (nxt / "grads.npy").exists():
+            rows_done = 0
+            ledger.unlink(missing_ok=True)
+            np.lib.format.open_memmap(nxt / "grads.npy", mode="w+", dtype=npdtype, shape=(n, p)).flush()
+            np.lib.format.open_memmap(nxt / "scales.npy", mode="w+", dtype=np.float32,
+                                      shape=(n, len(blocks))).flush()
+        done = np.zeros(n, dtype=bool)
+        done[:rows_done] = True
+        for a, b in (read_json(ledger)["done"] if ledger.exists() else []):
+            done[a:b] = True
+        todo = [(a, b) for a, b in shards if not done[a:b].all()]
+        opts = DrawOptions(options.scheme, options.hflip, r, options.proposal)
+        items = [(model, schedule, x[a:b], a, str(m), num_draws, seed, timesteps, chunk_size,
+                  rows_per_batch or ROWS_PER_BATCH, opts) for a, b in todo]
+        old = StoreHalf(hdir, blocks) if prev > 0 else None
         if progress is not None:
-            progress(int(done.sum()), n, stage)
+            progress((r - first) * n + int(done.sum()), max(total, 1), stage)
 
-    if not executor.run(store_shard, items, on_result, should_stop):
-        return None
-    ledger.unlink(missing_ok=True)
+        def on_result(_i, result, r=r, prev=prev, old=old):
+            start, g = result
+            stop = start + len(g)
+            g = torch.from_numpy(g)
+            if old is not None:  # running mean of this half's rounds, as the store computes it
+                g = (old.rows(start, stop) * prev + g.float()) / (prev + 1)
+            q, sc = quantize_rows(g, dtype, blocks)
+            values = np.load(nxt / "grads.npy", mmap_mode="r+")
+            scales = np.load(nxt / "scales.npy", mmap_mode="r+")
+            values[start:stop] = q
+            scales[start:stop] = sc
+            values.flush()
+            scales.flush()
+            del values, scales
+            done[start:stop] = True
+            runs = _true_runs(done)
+            write_json(ledger, {"done": runs})
+            write_json(directory / "progress.json",
+                       {"rounds_done": r, "rows_done": runs[0][1] if runs and runs[0][0] == 0 else 0})
+            if progress is not None:
+                progress((r - first) * n + int(done.sum()), total, stage)
+
+        if todo and not executor.run(store_shard, items, on_result, should_stop):
+            return None
+        _swap_in(hdir, nxt)  # the store's own atomic swap of a finished round (removes next/)
+        write_json(directory / "progress.json", {"rounds_done": r + 1, "rows_done": 0})
     return GradientStore(directory)
 
 
@@ -193,9 +221,12 @@ class ShardRows:
     """
 
     def __init__(self, schedule, images: Tensor, start: int, groups: list[list[int]], draws: int, seed: int,
-                 dtype, skip_rows: Sequence[int] = ()):
+                 dtype, skip_rows: Sequence[int] = (), hflip: bool = False):
+        from attribution.measurements import DrawOptions
+
         self.schedule, self.images, self.start, self.groups = schedule, images, start, groups
         self.draws, self.seed, self.dtype, self.skip_rows = draws, seed, dtype, list(skip_rows)
+        self.options = DrawOptions(hflip=hflip)  # as TrainingRows: the run's augmentation per draw
         self.op = None
 
     def __len__(self) -> int:
@@ -219,7 +250,7 @@ class ShardRows:
         for group in self.groups:
             local = [i - self.start for i in group]
             plan = draw_plan(self.schedule, self.images, Measurement("loss"), self.draws, self.seed, local,
-                             offset=self.start)
+                             offset=self.start, options=self.options)
             yield {"x": plan.x_in.to(self.dtype), "t": plan.t}, plan.target.flatten(1).to(self.dtype)
 
 
@@ -240,7 +271,7 @@ def factor_shard_pass(model: dict, schedule, images: np.ndarray, start: int, gro
     net = FlatEpsNet(unpack_unet(model, _device())).eval()
     params = kfac_parameters(net)
     data = ShardRows(schedule, torch.from_numpy(np.array(images)), start, groups, c.draws, c.seed,
-                     params[0].dtype, skip_rows)
+                     params[0].dtype, skip_rows, hflip=c.hflip)
     with torch.enable_grad():
         if eigen is None:
             op = curvlinops_operator(net, params, data, method=c.method, fisher=c.fisher, kfac_type=c.kfac_type,

@@ -12,8 +12,9 @@ import torch
 from attribution.curvature import CurvatureConfig, TrainingRows, build_factors, operator_from_tensors
 from attribution.ddpm import FlatEpsNet, build_unet, linear_schedule
 from attribution.executor import LocalExecutor
-from attribution.gradients import GradientStore, build_gradient_store, kfac_parameters
-from attribution.measurements import Measurement
+from attribution.gradients import kfac_parameters
+from attribution.measurements import DrawOptions, Measurement
+from attribution.store import GradientStore, build_gradient_store
 from attribution.sharding import (
     build_factors_sharded,
     build_gradient_store_sharded,
@@ -24,7 +25,11 @@ from attribution.sharding import (
 
 warnings.filterwarnings("ignore", message="Loading a state dict")
 INLINE = LocalExecutor(1)
-STORE_FILES = ("grads.npy", "scales.npy", "store.json", "progress.json")
+
+
+def store_files(d: Path) -> dict[str, bytes]:
+    """Every file of a store directory, by relative path."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +62,28 @@ def test_shard_plans_cover_everything_once():
     assert flat == list(range(32)) and len(shards) == 3 and all(len(g) == 8 for s in shards for g in s)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_sharded_store_is_bit_identical_and_resumes(micro_run, tmp_path, request, dtype):
+@pytest.mark.parametrize("dtype,options", [("float16", DrawOptions(hflip=True)),
+                                           ("int8", DrawOptions(scheme="stratified"))])
+def test_sharded_store_is_bit_identical_and_resumes(micro_run, tmp_path, request, dtype, options):
     # float16: the resumed shards run on the 2-process pool (other processes, same bits)
     executor = request.getfixturevalue("pool") if dtype == "float16" else INLINE
     unet = micro_run.load_unet().float().eval()
     images = micro_run.dataset().tensors().float()
     m, schedule = Measurement("loss"), micro_run.schedule()
-    single = build_gradient_store(tmp_path / "single", unet, schedule, images, m, 6, 3, dtype=dtype, chunk_size=4)
+    kw = dict(dtype=dtype, chunk_size=4, rounds=3, options=options)  # 3 rounds: half 0 averages two
+    single = build_gradient_store(tmp_path / "single", unet, schedule, images, m, 2, 3, **kw)
 
-    # interrupted after the first shard, then resumed on the process pool
+    # interrupted inside the second round, then resumed on the process pool
     seen = []
-    stopped = build_gradient_store_sharded(tmp_path / "sharded", unet, schedule, images, m, 6, 3, INLINE, dtype=dtype,
-                                           chunk_size=4, num_shards=3, progress=lambda d, n, s: seen.append(d),
-                                           should_stop=lambda: len(seen) > 1)
-    assert stopped is None and 0 < seen[-1] < 16
-    assert not GradientStore(tmp_path / "sharded").complete
-    store = build_gradient_store_sharded(tmp_path / "sharded", unet, schedule, images, m, 6, 3, executor, dtype=dtype,
-                                         chunk_size=4, num_shards=3)
-    assert store.complete and store.n == single.n
-    for name in STORE_FILES:
-        assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
-    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == sorted(STORE_FILES)
+    stopped = build_gradient_store_sharded(tmp_path / "sharded", unet, schedule, images, m, 2, 3, INLINE,
+                                           num_shards=3, progress=lambda d, n, s: seen.append(d),
+                                           should_stop=lambda: len(seen) > 5, **kw)
+    assert stopped is None and 16 < seen[-1] < 32
+    assert GradientStore(tmp_path / "sharded").rounds_done == 1
+    store = build_gradient_store_sharded(tmp_path / "sharded", unet, schedule, images, m, 2, 3, executor,
+                                         num_shards=3, **kw)
+    assert store.rounds_done == 3 and store.n == single.n
+    assert store_files(tmp_path / "sharded") == store_files(tmp_path / "single")
     q = torch.randn(2, store.p)
     assert torch.equal(store.score(q), single.score(q))
 
@@ -90,11 +95,12 @@ def _factor_max_rel(a: dict, b: dict, prefix: str = "") -> float:
                for k in keys)
 
 
-@pytest.mark.parametrize("kfac_type,fisher,mc_samples", [("expand", "mc", 1), ("reduce", "mc", 1), ("expand", "mc", 2),
-                                                        ("expand", "empirical", 1), ("reduce", "empirical", 1)])
-def test_sharded_kfac_factors_equal_curvlinops_single_pass(small64, kfac_type, fisher, mc_samples, monkeypatch):
+@pytest.mark.parametrize("kfac_type,fisher,mc_samples,hflip", [
+    ("expand", "mc", 1, False), ("reduce", "mc", 1, True), ("expand", "mc", 2, False),
+    ("expand", "empirical", 1, True), ("reduce", "empirical", 1, False)])
+def test_sharded_kfac_factors_equal_curvlinops_single_pass(small64, kfac_type, fisher, mc_samples, hflip, monkeypatch):
     unet, schedule, images = small64
-    cfg = CurvatureConfig("kfac", fisher, kfac_type, draws=4, seed=5, mc_samples=mc_samples)
+    cfg = CurvatureConfig("kfac", fisher, kfac_type, draws=4, seed=5, mc_samples=mc_samples, hflip=hflip)
     ref, ref_meta = build_factors(unet, schedule, images, cfg, rows_per_batch=16)
     got, meta = build_factors_sharded(unet, schedule, images, cfg, INLINE, num_shards=3, rows_per_batch=16)
     assert got.keys() == ref.keys() and meta == ref_meta
@@ -203,12 +209,12 @@ def test_build_command_and_sharded_artifacts_are_what_attribute_uses(micro_run, 
     settings = influence.InfluenceSettings(method="ekfac", train_draws=2, factor_draws=2, query_draws=2)
     assert cli_build.build_store(b, settings, pool, num_shards=2).complete
     assert cli_build.build_curvature(b, settings, pool, num_shards=2).exists()
-    out_b = {"store": str(cli_build.store_dir(b, settings, b.load_unet())),
-             "factors": str(cli_build.factors_path(b, settings.curvature()))}
-    for name in STORE_FILES:
-        assert (Path(out_a["store"]) / name).read_bytes() == (Path(out_b["store"]) / name).read_bytes()
+    assert cli_build.store_dir(b, settings).name == Path(out_a["store"]).name
+    assert store_files(Path(out_a["store"])) == store_files(cli_build.store_dir(b, settings))
+    assert out_a["settings"]["train_rounds"] is None and settings.rounds == 2
     # attribute finds both artifacts and builds neither again
     monkeypatch.setattr(influence, "build_gradient_store", lambda *a, **k: pytest.fail("store rebuilt"))
+    monkeypatch.setattr("attribution.store.build_gradient_store", lambda *a, **k: pytest.fail("store rebuilt"))
     monkeypatch.setattr("attribution.curvature.build_factors", lambda *a, **k: pytest.fail("factors rebuilt"))
     influence.clear_cache()
     sa = influence.influence_scores(a, "queries", [0, 1], settings)
