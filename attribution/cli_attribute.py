@@ -91,9 +91,9 @@ def add_commands(subparsers) -> None:
                         "1e-8 for kfac/ekfac; TRAK/D-TRAK: their adaptive default")
     p.add_argument("--train-draws", type=int, default=DEFAULTS["train_draws"],
                    help="(t, eps) draws per training gradient, over all rounds (default: %(default)s)")
-    p.add_argument("--train-rounds", type=int, default=None,
-                   help="the training-gradient store grows in this many equal rounds (default: the largest "
-                        "divisor of --train-draws up to 8)")
+    p.add_argument("--preview-draws", type=int, default=DEFAULTS["preview_draws"],
+                   help="draws of the store's first round; rounds then double in pairs (2, 2, 4, 4, ...) up to "
+                        "--train-draws, and the gallery can be shown after any round (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=None,
                    help="build only this many rounds now (a preview; run again without it to refine)")
     p.add_argument("--query-draws", type=int, default=DEFAULTS["query_draws"],
@@ -150,7 +150,7 @@ def compute_scores(args, run, indices: list[int], progress):
             damping=1e-8 if args.damping is None else args.damping, measurement=args.measurement,
             approx_measurement=args.approx_measurement, train_draws=args.train_draws,
             query_draws=args.query_draws, seed=args.seed, compress_queries=args.compress_queries,
-            factor_draws=args.factor_draws, store_dtype=args.store_dtype, train_rounds=args.train_rounds,
+            factor_draws=args.factor_draws, store_dtype=args.store_dtype, preview_draws=args.preview_draws,
             draw_scheme=args.draw_scheme)
         if args.rounds is not None and args.rounds < 1:
             raise UserError(f"--rounds must be >= 1, got {args.rounds}")
@@ -166,7 +166,7 @@ def compute_scores(args, run, indices: list[int], progress):
     b = _baseline(args.method)
     if args.method in ("trak", "dtrak"):
         kw = {} if args.damping is None else {"damping": args.damping}
-        scores = b.trak_scores(run, q, variant=args.method, progress=progress, **kw)
+        scores = b.trak_scores(run, q, variant=args.method, progress=progress, query_indices=indices, **kw)
         config = {"method": args.method, "damping": args.damping, "measurement": "loss" if args.method == "trak"
                   else "square-norm"}
     elif args.method == "clip":

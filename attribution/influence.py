@@ -3,6 +3,9 @@
 Sign: tau > 0 means removing x_j is predicted to INCREASE the measurement of x' (a proponent for
 loss-like measurements); the predicted change of m after removing a set I is (1/N) sum_{j in I} tau_j.
 
+Settings live in attribution/influence_settings.py and the scoring core in attribution/scoring.py
+(both re-exported here); this module caches and combines the run's artifacts.
+
 Pipeline (everything cached in the run, so re-scoring only re-preconditions the queries):
 training-loss gradients -> gradient store (disk, fp16/int8); (E)KFAC factors -> run
 (safetensors); query gradients of the *approximation measurement* -> run; preconditioned
@@ -13,10 +16,9 @@ computed once and scored against all queries).
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -26,14 +28,30 @@ from attribution.errors import UserError
 from attribution.gradients import (
     GradientStore,
     build_gradient_store,
-    dequantize_rows,
     kfac_parameters,
     num_parameters,
     per_example_gradients,
-    quantize_rows,
     store_nbytes,
 )
-from attribution.measurements import DrawOptions, DrawScheme, Measurement, parse_measurement
+from attribution.influence_settings import (  # noqa: F401 - public names of this module
+    DEFAULT_DRAW_SCHEME,
+    DEFAULT_FACTOR_DRAWS,
+    DEFAULT_QUERY_DRAWS,
+    DEFAULT_TRAIN_DRAWS,
+    DEFAULT_PREVIEW_DRAWS,
+    PREVIEW_ROUNDS,
+    InfluenceSettings,
+)
+from attribution.measurements import DrawOptions, DrawScheme, Measurement
+from attribution.scoring import (  # noqa: F401 - public names of this module
+    QUERY_INT8_BLOCK,
+    check_scores,
+    compress_int8,
+    int8_blocks,
+    precondition_queries,
+    score_chunks,
+    top_k,
+)
 from attribution.stability import Reliability, moderated_se, reliability
 
 Progress = Optional[Callable[[int, int, str], None]]
@@ -43,139 +61,6 @@ Progress = Optional[Callable[[int, int, str], None]]
 QUERY_OFFSET = 10**9
 DEFAULT_STORE_BUDGET = 8 * 2**30  # bytes of disk a gradient store may take before streaming
 TRAINING_LOSS = Measurement("loss")
-# Defaults chosen by measurement (bench/results/stability_*.md): see the README's gallery section.
-DEFAULT_TRAIN_DRAWS = 64
-DEFAULT_TRAIN_ROUNDS = 8
-DEFAULT_QUERY_DRAWS = 512
-DEFAULT_FACTOR_DRAWS = 2
-DEFAULT_DRAW_SCHEME = DrawScheme.COMMON.value
-PREVIEW_ROUNDS = 2  # the first gallery: two rounds, so that it already has a split-half stability
-
-
-@dataclass(frozen=True)
-class InfluenceSettings:
-    method: str = "kfac"  # "kfac" | "ekfac"
-    fisher: str = "mc"  # "mc" | "empirical"
-    kfac_type: str = "expand"  # "expand" | "reduce"
-    damping: float = 1e-8  # the paper's lambda: added to the GGN of the loss averaged over examples AND pixels
-    measurement: str = "loss"  # measurement being explained (parse_measurement syntax)
-    approx_measurement: Optional[str] = None  # measurement whose gradient is used; None = same
-    train_draws: int = DEFAULT_TRAIN_DRAWS  # (t, eps) draws per training gradient (the store), all rounds
-    query_draws: int = DEFAULT_QUERY_DRAWS  # draws per query gradient (two independent halves)
-    seed: int = 0
-    compress_queries: bool = False  # int8 preconditioned queries
-    factor_draws: int = DEFAULT_FACTOR_DRAWS  # (t, eps) draws per training example for the Kronecker factors
-    store_dtype: str = "float16"  # "float16" | "int8"
-    store_budget_bytes: Optional[int] = None  # None = DEFAULT_STORE_BUDGET
-    train_rounds: Optional[int] = None  # the store grows in rounds; None: the largest divisor of train_draws <= 8
-    draw_scheme: str = DEFAULT_DRAW_SCHEME  # iid | stratified | common (measurements.DrawScheme)
-
-    def __post_init__(self):
-        if self.method not in ("kfac", "ekfac"):
-            raise UserError(f"unknown influence method {self.method!r}; choose kfac or ekfac")
-        CurvatureConfig(self.method, self.fisher, self.kfac_type)  # validates the names
-        parse_measurement(self.measurement)
-        if self.approx_measurement is not None:
-            parse_measurement(self.approx_measurement)
-        if not (self.damping >= 0 and math.isfinite(self.damping)):
-            raise UserError(f"damping must be a finite number >= 0, got {self.damping}")
-        if min(self.train_draws, self.query_draws, self.factor_draws, self.rounds) < 1:
-            raise UserError("the numbers of draws and rounds must be >= 1")
-        if self.train_draws % self.rounds:
-            raise UserError(f"train_draws ({self.train_draws}) must be a multiple of train_rounds "
-                            f"({self.rounds}): every round has the same number of draws")
-        if self.query_draws < 2 or self.query_draws % 2:
-            raise UserError(f"query_draws must be even and >= 2 (two independent halves), got {self.query_draws}")
-        DrawOptions(scheme=self.draw_scheme)  # validates the scheme
-
-    @property
-    def gradient_measurement(self) -> Measurement:
-        """The measurement whose gradient enters the scores (measurement substitution)."""
-        return parse_measurement(self.approx_measurement or self.measurement)
-
-    @property
-    def rounds(self) -> int:
-        """Rounds the store grows in (the first PREVIEW_ROUNDS give the preview gallery)."""
-        if self.train_rounds is not None:
-            return int(self.train_rounds)
-        return max(r for r in range(1, DEFAULT_TRAIN_ROUNDS + 1) if self.train_draws % r == 0)
-
-    @property
-    def round_draws(self) -> int:
-        return self.train_draws // self.rounds
-
-    def curvature(self, hflip: bool = False) -> CurvatureConfig:
-        return CurvatureConfig(self.method, self.fisher, self.kfac_type, self.factor_draws, self.seed, hflip=hflip)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# ----------------------------------------------------------------------------- scoring core
-
-
-# int8 query compression: one float32 scale per QUERY_INT8_BLOCK consecutive entries of a parameter
-# tensor (3.2x smaller than float32). Preconditioned queries at small damping span many orders of
-# magnitude even within a layer; on the micro fixture at lambda = 1e-8 the mean Spearman with the
-# float32 scores is 0.79 with one scale per row, 0.97 per tensor, 0.985 / 0.99 with 64 / 16 blocks.
-QUERY_INT8_BLOCK = 16
-
-
-def int8_blocks(sizes: Sequence[int], block: int = QUERY_INT8_BLOCK) -> list[int]:
-    """Split each parameter tensor's ``size`` into blocks of ``block`` entries (last one shorter)."""
-    out: list[int] = []
-    for n in sizes:
-        out += [block] * (n // block) + ([n % block] if n % block else [])
-    return out
-
-
-def compress_int8(x: Tensor, blocks: Optional[Sequence[int]] = None) -> Tensor:
-    """int8 round trip with one absmax scale per row and block (parameter tensor): ``[Q, P]``."""
-    values, scales = quantize_rows(x, "int8", blocks)
-    return dequantize_rows(values, scales, blocks).to(x.dtype)
-
-
-def precondition_queries(pre: Preconditioner, query_grads: Tensor, compress: bool = False,
-                         blocks: Optional[Sequence[int]] = None) -> Tensor:
-    """(G + lambda I)^{-1} grad m for each query row: ``[Q, P]`` float64 (int8 round trip if asked,
-    with per-parameter-tensor scales ``blocks``)."""
-    out = pre.apply(query_grads)
-    return compress_int8(out, blocks) if compress else out
-
-
-def score_chunks(precond_queries: Tensor, train_chunks: Iterable[Tensor]) -> Tensor:
-    """Streaming scores: each chunk ``[n_k, P]`` of training gradients is scored once: ``[Q, N]``."""
-    parts = [precond_queries @ chunk.to(precond_queries.dtype).T for chunk in train_chunks]
-    return torch.cat(parts, dim=1)
-
-
-def check_scores(scores: Tensor) -> Tensor:
-    """Guardrails: NaN / inf scores, or identical scores for every query, raise a UserError."""
-    if not torch.isfinite(scores).all():
-        bad = int((~torch.isfinite(scores)).sum())
-        raise UserError(f"{bad} influence scores are NaN or infinite: the damping is probably too small "
-                        "for these factors (try a larger --damping) or the gradients overflowed")
-    if scores.shape[0] > 1 and scores.shape[1] > 1:
-        spread = (scores - scores[:1]).abs().max()
-        if float(spread) <= 1e-12 * float(scores.abs().max().clamp_min(1e-300)):
-            raise UserError("every query got identical influence scores; the query gradients do not depend "
-                            "on the query (check the measurement and the query samples)")
-    return scores
-
-
-def top_k(scores_row: Tensor, k: int) -> dict[str, list[tuple[int, float]]]:
-    """The ``k`` most positive (tau > 0, largest first), most negative (tau < 0, most negative first)
-    and most neutral (smallest |tau|) training examples of one query's scores ``[N]``."""
-    s = scores_row.detach().double().cpu()
-    k = max(0, min(int(k), s.numel()))
-    pos_idx = torch.argsort(s, descending=True)[:k]
-    neg_idx = torch.argsort(s)[:k]
-    neu_idx = torch.argsort(s.abs())[:k]
-    return {
-        "positive": [(int(i), float(s[i])) for i in pos_idx if s[i] > 0],
-        "negative": [(int(i), float(s[i])) for i in neg_idx if s[i] < 0],
-        "neutral": [(int(i), float(s[i])) for i in neu_idx],
-    }
 
 
 # ----------------------------------------------------------------------------- run-level caching
@@ -244,7 +129,7 @@ def run_hflip(run) -> bool:
 
 
 def _store_args(run, settings: InfluenceSettings, p: int) -> dict:
-    args = {"measurement": str(TRAINING_LOSS), "draws": settings.round_draws, "seed": settings.seed,
+    args = {"measurement": str(TRAINING_LOSS), "round_draws": settings.round_draws, "seed": settings.seed,
             "dtype": settings.store_dtype, "params": "kfac", "p": p, "layout": "rounds",
             "scheme": settings.draw_scheme}
     if run_hflip(run):
@@ -323,8 +208,9 @@ def gradient_store(run, settings: InfluenceSettings, progress: Progress = None,
     budget = settings.store_budget_bytes if settings.store_budget_bytes is not None else DEFAULT_STORE_BUDGET
     if store_nbytes(images.shape[0], num_parameters(kfac_parameters(unet)), settings.store_dtype) > budget:
         return None
-    store = build_gradient_store(d, unet, schedule, images, TRAINING_LOSS, settings.round_draws, settings.seed,
+    store = build_gradient_store(d, unet, schedule, images, TRAINING_LOSS, 0, settings.seed,
                                  dtype=settings.store_dtype, progress=progress, rounds=want,
+                                 round_draws=settings.round_draws,
                                  options=draw_options(run, settings, progress))
     c[key] = store
     return store
@@ -460,7 +346,7 @@ def influence_result(run, query_set: str, query_indices: Sequence[int], settings
     pa, pb, pq = pqs
     store = gradient_store(run, settings, progress, rounds)
     if store is not None:
-        score_key = ("scores", pq_key, settings.train_draws, settings.rounds, settings.store_dtype,
+        score_key = ("scores", pq_key, settings.train_draws, settings.preview_draws, settings.store_dtype,
                      store.dir.name, store.rounds_done)
         if score_key in lru:
             return lru[score_key]
@@ -477,7 +363,7 @@ def influence_result(run, query_set: str, query_indices: Sequence[int], settings
     rel = reliability(tau_a, tau_b, tau, k) if tau_a is not None else None
     res = InfluenceResult(tau.float(), None if tau_a is None else tau_a.float(),
                           None if tau_b is None else tau_b.float(), None if se is None else se.float(), rel,
-                          done, settings.rounds, done * settings.round_draws)
+                          done, settings.rounds, sum(settings.round_draws[:done]))
     if score_key is not None:
         _remember(lru, score_key, res)
     return res
@@ -489,21 +375,21 @@ def _streamed_scores(run, settings, pa, pb, pq, rounds, progress, c):
     unet, schedule = _model(run, c)
     images = training_images(run, c)
     n, chunk, Q = images.shape[0], 64, pq.shape[0]
-    sums = [torch.zeros(2 * Q, n), torch.zeros(2 * Q, n)]
+    sums = [torch.zeros(2 * Q, n), torch.zeros(2 * Q, n)]  # draw-weighted sums per half
     stacked = (torch.cat([pa, pq]), torch.cat([pb, pq]))
     base = draw_options(run, settings, progress)
     for r in range(rounds):
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
-            g = per_example_gradients(unet, schedule, images[start:stop], TRAINING_LOSS, settings.round_draws,
+            g = per_example_gradients(unet, schedule, images[start:stop], TRAINING_LOSS, settings.round_draws[r],
                                       settings.seed, offset=start,
                                       options=DrawOptions(base.scheme, base.hflip, r, base.proposal))
-            sums[r % 2][:, start:stop] += stacked[r % 2] @ g.T
+            sums[r % 2][:, start:stop] += settings.round_draws[r] * (stacked[r % 2] @ g.T)
             if progress is not None:
                 progress(r * n + stop, rounds * n, "streaming training gradients")
-    counts = [(rounds + 1) // 2, rounds // 2]
+    counts = [sum(d for i, d in enumerate(settings.round_draws[:rounds]) if i % 2 == h) for h in (0, 1)]
     means = [s / max(cnt, 1) for s, cnt in zip(sums, counts)]
-    tau = (means[0][Q:] * counts[0] + means[1][Q:] * counts[1]) / rounds
+    tau = (sums[0][Q:] + sums[1][Q:]) / sum(counts)
     if rounds < 2:
         return None, None, tau
     return means[0][:Q], means[1][:Q], tau

@@ -186,7 +186,8 @@ def _kind_baseline(run_dir: Path, args: dict, progress: JobProgress):
     method = args["method"]
     if method in ("trak", "dtrak"):
         kw = {k: args[k] for k in ("proj_dim", "damping") if args.get(k) is not None}
-        scores = baselines.trak_scores(run, images, variant=method, progress=progress, **kw)
+        scores = baselines.trak_scores(run, images, variant=method, progress=progress,
+                                       query_indices=list(args["query_indices"]), **kw)
     elif method == "clip":
         scores = baselines.clip_scores(run, images, progress=progress)
     elif method == "pixel":

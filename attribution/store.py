@@ -2,7 +2,7 @@
 
 Layout of a store directory::
 
-    store.json      settings (n, p, dtype, blocks, measurement, draws per round, seed, draw options)
+    store.json      settings (n, p, dtype, blocks, measurement, draws of each round, seed, draw options)
     progress.json   {"rounds_done", "rows_done" (of the round being built)}
     half0/ half1/   grads.npy [N, P] float16|int8 (memory-mapped) + scales.npy [N, B] float32:
                     the MEAN gradient over the rounds of that half (round r goes to half r % 2)
@@ -131,6 +131,28 @@ def rounds_in_half(rounds_done: int, half: int) -> int:
     return (rounds_done + 1 - half) // 2
 
 
+def draws_in_half(round_draws: Sequence[int], rounds_done: int, half: int) -> int:
+    """Draws of the first ``rounds_done`` rounds that went to ``half``."""
+    return sum(d for r, d in enumerate(round_draws[:rounds_done]) if r % 2 == half)
+
+
+def round_schedule(total: int, first: int) -> list[int]:
+    """Draws of each round: pairs that double from ``first`` (2, 2, 4, 4, 8, 8, ...), the last pair
+    taking the rest, so a gallery is previewed early and sharpens geometrically. ``total`` must
+    be even (the two halves of the draws are equal after every pair)."""
+    if total < 2 or total % 2:
+        raise UserError(f"the number of training draws must be even and >= 2 (two equal halves), got {total}")
+    size, left, out = max(1, min(int(first), total // 2)), total, []
+    while left > 0:
+        if left < 4 * size or left - 2 * size < 2 * size:  # this pair would leave less than a pair: take all
+            out += [left // 2, left // 2]
+            break
+        out += [size, size]
+        left -= 2 * size
+        size *= 2
+    return out
+
+
 class GradientStore:
     """A store directory (read-only view of its completed rounds)."""
 
@@ -141,7 +163,7 @@ class GradientStore:
             raise UserError(f"gradient store {self.dir} has an old layout; delete it and rebuild")
         self.n, self.p, self.dtype = int(meta["n"]), int(meta["p"]), meta["dtype"]
         self.blocks = list(meta["blocks"])
-        self.draws_per_round = int(meta["draws"])
+        self.round_draws = [int(d) for d in meta["round_draws"]]
         self.meta = meta
         prog = read_json(self.dir / "progress.json")
         self.rounds_done = int(prog["rounds_done"])
@@ -150,7 +172,7 @@ class GradientStore:
 
     @property
     def draws_done(self) -> int:
-        return self.rounds_done * self.draws_per_round
+        return sum(self.round_draws[:self.rounds_done])
 
     @property
     def complete(self) -> bool:
@@ -159,7 +181,7 @@ class GradientStore:
 
     def weights(self) -> list[float]:
         """Share of the draws in each stored half (sums to 1)."""
-        counts = [rounds_in_half(self.rounds_done, h) for h in range(len(self.halves))]
+        counts = [draws_in_half(self.round_draws, self.rounds_done, h) for h in range(len(self.halves))]
         return [c / sum(counts) for c in counts]
 
     def rows(self, start: int, stop: int) -> Tensor:
@@ -193,10 +215,10 @@ class GradientStore:
             raise UserError(f"gradient store {self.dir} has no complete round yet; build it to resume")
 
 
-def store_meta(n: int, p: int, dtype: str, blocks: list[int], m: Measurement, draws: int, seed: int,
-               timesteps, options: DrawOptions) -> dict:
+def store_meta(n: int, p: int, dtype: str, blocks: list[int], m: Measurement, round_draws: Sequence[int],
+               seed: int, timesteps, options: DrawOptions) -> dict:
     return {"version": STORE_VERSION, "n": n, "p": p, "dtype": dtype, "blocks": blocks, "measurement": str(m),
-            "draws": draws, "seed": seed, "timesteps": list(timesteps) if timesteps is not None else None,
+            "round_draws": [int(d) for d in round_draws], "seed": seed, "timesteps": list(timesteps) if timesteps is not None else None,
             "scheme": options.scheme, "hflip": options.hflip,
             "proposal": list(options.proposal) if options.proposal is not None else None}
 
@@ -204,7 +226,7 @@ def store_meta(n: int, p: int, dtype: str, blocks: list[int], m: Measurement, dr
 def build_gradient_store(
     directory: Path,
     unet,
-    schedule: Schedule,
+    diffusion: Schedule,
     images: Tensor,
     m: Measurement,
     num_draws: int,
@@ -216,25 +238,29 @@ def build_gradient_store(
     rows_per_batch: Optional[int] = None,
     rounds: int = 1,
     options: DrawOptions = PLAIN_DRAWS,
+    round_draws: Optional[Sequence[int]] = None,
 ) -> GradientStore:
-    """Build, resume or grow the store of ``images``' gradients to ``rounds`` rounds of
-    ``num_draws`` draws each (``options.draw_round`` is ignored: round r uses r).
+    """Build, resume or grow the store of ``images``' gradients to ``rounds`` completed rounds.
 
+    Round r has ``round_draws[r]`` draws (default: ``num_draws`` for each of ``rounds`` rounds;
+    the schedule is part of the store's settings, so ``rounds`` may be less than its length: a
+    partial build, grown later). ``options.draw_round`` is ignored: round r uses r.
     ``progress(done_rows, total_rows, stage)`` counts rows over the rounds still to build.
     """
     from attribution.gradients import kfac_parameters
 
     if dtype not in STORE_DTYPES:
         raise UserError(f"unknown gradient store dtype {dtype!r}; choose {' or '.join(STORE_DTYPES)}")
-    if rounds < 1:
-        raise UserError(f"a gradient store needs at least one round, got {rounds}")
+    schedule = [int(num_draws)] * int(rounds) if round_draws is None else [int(d) for d in round_draws]
+    if rounds < 1 or rounds > len(schedule) or min(schedule) < 1:
+        raise UserError(f"a gradient store needs 1..{len(schedule)} rounds of >= 1 draws, got {rounds}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     n = int(images.shape[0])
     sizes = [q.numel() for q in kfac_parameters(unet)]
     p = sum(sizes)
     blocks = sizes if dtype == "int8" else [p]  # int8: one scale per row and parameter tensor
-    meta = store_meta(n, p, dtype, blocks, m, num_draws, seed, timesteps, options)
+    meta = store_meta(n, p, dtype, blocks, m, schedule, seed, timesteps, options)
     if (directory / "store.json").exists() and read_json(directory / "store.json") != meta:
         raise UserError(f"gradient store {directory} was built with other settings; delete it and rebuild")
     if not (directory / "progress.json").exists():
@@ -243,19 +269,19 @@ def build_gradient_store(
     prog = read_json(directory / "progress.json")
     first = int(prog["rounds_done"])
     total = max(0, rounds - first) * n
-    stage = f"training gradients ({num_draws} draws per round, {rounds} rounds)"
+    stage = f"training gradients ({sum(schedule)} draws in {len(schedule)} rounds)"
     done_rows = int(prog["rows_done"]) if first < rounds else 0
     if progress is not None:
         progress(done_rows, max(total, 1), stage)
     for r in range(first, rounds):
         half = r % 2
-        prev = rounds_in_half(r, half)  # rounds already averaged into this half
+        prev = draws_in_half(schedule, r, half)  # draws already averaged into this half
         hdir = directory / f"half{half}"
         nxt = hdir / "next"
         nxt.mkdir(parents=True, exist_ok=True)
         rows_done = int(read_json(directory / "progress.json")["rows_done"])
         if rows_done < n:
-            _build_round(directory, hdir, nxt, unet, schedule, images, m, num_draws, seed, dtype, timesteps,
+            _build_round(directory, hdir, nxt, unet, diffusion, images, m, schedule[r], seed, dtype, timesteps,
                          chunk_size, rows_per_batch, options, blocks, r, prev, rows_done,
                          lambda stop: progress((r - first) * n + stop, total, stage) if progress else None)
         _swap_in(hdir, nxt)  # also finishes a swap that an interruption cut short
@@ -284,8 +310,8 @@ def _build_round(directory, hdir, nxt, unet, schedule, images, m, num_draws, see
                                   options=DrawOptions(options.scheme, options.hflip, r, options.proposal))
         if not torch.isfinite(g).all():
             raise UserError(f"non-finite training gradients in rows {start}..{stop - 1}; check the model")
-        if old is not None:  # running mean of this half's rounds
-            g = (old.rows(start, stop) * prev + g.float()) / (prev + 1)
+        if old is not None:  # running mean of this half's draws (prev of them already in ``old``)
+            g = (old.rows(start, stop) * prev + g.float() * num_draws) / (prev + num_draws)
         q, s = quantize_rows(g, dtype, blocks)
         values[start:stop] = q
         scales[start:stop] = s

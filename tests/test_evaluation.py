@@ -108,7 +108,8 @@ def test_agrees_with_dattri_lds_semantics_on_random_inputs():
 
 
 def test_agrees_with_installed_dattri():
-    metric = pytest.importorskip("dattri.metric")
+    """dattri (the test extra) is imported, not skipped when missing: a skipped check checks nothing."""
+    from dattri import metric
     g = torch.Generator().manual_seed(3)
     Q, N, M = 4, 30, 10
     masks = draw_subset_masks(N, M, 0.5, 1)
@@ -116,6 +117,37 @@ def test_agrees_with_installed_dattri():
     tau = torch.randn(Q, N, generator=g, dtype=torch.float64)
     theirs, _ = metric.lds(-tau.T, (gt.values.mean(0), torch.tensor(keep_indices(masks))))
     assert torch.allclose(lds(tau, gt).per_query, theirs.double(), atol=1e-10)
+    assert not torch.allclose(lds(-tau, gt).per_query, theirs.double(), atol=1e-3)  # the sign matters
+
+
+def test_exact_retraining_oracle_holds_the_seed_out_of_the_mean():
+    """Seeds that are pure independent noise: each seed against the mean of the OTHER seeds
+    correlates ~0, whereas a leaky mean that includes the held-out seed correlates ~1/sqrt(R)-ish
+    (0.7 for R = 2). The oracle must equal the hand-computed hold-out reference (scipy)."""
+    from scipy.stats import spearmanr
+
+    g = torch.Generator().manual_seed(8)
+    Q, N, M = 8, 30, 40
+    masks = draw_subset_masks(N, M, 0.5, 2)
+    for R in (2, 3):
+        values = torch.randn(R, M, Q, generator=g, dtype=torch.float64)
+        gt = GroundTruth("loss", masks, values)
+        ex = exact_retraining_lds(gt)
+
+        def ref(leaky: bool) -> torch.Tensor:
+            per_q = []
+            for q in range(Q):
+                rhos = []
+                for r in range(R):
+                    pool = values[:, :, q] if leaky else torch.cat([values[:r, :, q], values[r + 1:, :, q]])
+                    rhos.append(spearmanr(values[r, :, q], pool.mean(0)).correlation)
+                per_q.append(sum(rhos) / R)
+            return torch.tensor(per_q, dtype=torch.float64)
+
+        held_out, leaky = ref(False), ref(True)
+        torch.testing.assert_close(ex.per_query, held_out, rtol=0, atol=1e-12)
+        assert abs(ex.mean) < 0.2 and float(leaky.mean()) > 0.5, (R, ex.mean, float(leaky.mean()))
+        assert float((ex.per_query - leaky).abs().min()) > 0.1  # every query tells the two apart
 
 
 def test_exact_retraining_damping_sweep_cross_lds_and_model_correlation():
