@@ -52,8 +52,8 @@ def build_store(run, settings, executor=None, num_shards: Optional[int] = None, 
     if store_rounds_done(run, settings) >= settings.rounds:
         return GradientStore(d)
     unet, images = _model_and_images(run)
-    args = (d, unet, run.schedule(), images, TRAINING_LOSS, settings.round_draws, settings.seed)
-    kw = dict(dtype=settings.store_dtype, progress=progress, rounds=settings.rounds,
+    args = (d, unet, run.schedule(), images, TRAINING_LOSS, 0, settings.seed)  # as influence.gradient_store
+    kw = dict(dtype=settings.store_dtype, progress=progress, rounds=settings.rounds, round_draws=settings.round_draws,
               options=draw_options(run, settings, progress))
     if executor is None or executor.inline:
         return build_gradient_store(*args, **kw)
@@ -104,7 +104,7 @@ def cmd_build(args) -> int:
     if not run.has_model():
         raise UserError(f"run {run.path} has no trained model yet; train it first")
     settings = InfluenceSettings(method=args.method, fisher=args.fisher, kfac_type=args.kfac_type,
-                                 train_draws=args.train_draws, train_rounds=args.train_rounds,
+                                 train_draws=args.train_draws, preview_draws=args.preview_draws,
                                  draw_scheme=args.draw_scheme, factor_draws=args.factor_draws, seed=args.seed,
                                  store_dtype=args.store_dtype)
     executor = executor_from_args(args)
@@ -144,9 +144,9 @@ def add_commands(sub) -> None:
                    help="(default: %(default)s)")
     p.add_argument("--train-draws", type=int, default=DEFAULTS["train_draws"],
                    help="(t, eps) draws per training gradient, over all rounds (default: %(default)s)")
-    p.add_argument("--train-rounds", type=int, default=None,
-                   help="rounds the store grows in (default: as `attribute`, the largest divisor of "
-                        "--train-draws up to 8)")
+    p.add_argument("--preview-draws", type=int, default=DEFAULTS["preview_draws"],
+                   help="draws of the store's first round; rounds then double in pairs, as `attribute` "
+                        "(default: %(default)s)")
     p.add_argument("--draw-scheme", default=DEFAULTS["draw_scheme"], choices=SCHEMES,
                    help="training-side draw scheme, as `attribute` (default: %(default)s)")
     p.add_argument("--factor-draws", type=int, default=DEFAULTS["factor_draws"],

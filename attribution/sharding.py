@@ -105,11 +105,11 @@ def build_gradient_store_sharded(directory: Path, unet, schedule, images: Tensor
                                  executor, dtype: str = "float16", timesteps=None, num_shards: Optional[int] = None,
                                  chunk_size: int = STORE_CHUNK, progress: Progress = None,
                                  rows_per_batch: Optional[int] = None, rounds: int = 1, options=None,
-                                 should_stop=None):
-    """:func:`store.build_gradient_store` (``rounds`` rounds of ``num_draws`` draws, the same
-    layout and bits) with each round's chunks computed as executor units. Resumable at shard
-    granularity. ``num_shards`` default: 2 per executor slot. Returns the store, or None when
-    ``should_stop`` ended the build early (call again to resume).
+                                 round_draws: Optional[Sequence[int]] = None, should_stop=None):
+    """:func:`store.build_gradient_store` (the same arguments, layout and bits: ``rounds``
+    completed rounds of ``round_draws[r]`` draws, default ``num_draws`` each) with each round's
+    chunks computed as executor units. Resumable at shard granularity. ``num_shards`` default:
+    2 per executor slot. Returns the store, or None when ``should_stop`` ended it early.
     """
     from attribution.gradients import ROWS_PER_BATCH, kfac_parameters
     from attribution.measurements import PLAIN_DRAWS, DrawOptions
@@ -118,23 +118,24 @@ def build_gradient_store_sharded(directory: Path, unet, schedule, images: Tensor
         GradientStore,
         StoreHalf,
         _swap_in,
+        draws_in_half,
         quantize_rows,
-        rounds_in_half,
         store_meta,
     )
 
     options = options or PLAIN_DRAWS
     if dtype not in STORE_DTYPES:
         raise UserError(f"unknown gradient store dtype {dtype!r}; choose {' or '.join(STORE_DTYPES)}")
-    if rounds < 1:
-        raise UserError(f"a gradient store needs at least one round, got {rounds}")
+    plan = [int(num_draws)] * int(rounds) if round_draws is None else [int(d) for d in round_draws]
+    if rounds < 1 or rounds > len(plan) or min(plan) < 1:
+        raise UserError(f"a gradient store needs 1..{len(plan)} rounds of >= 1 draws, got {rounds}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     n = int(images.shape[0])
     sizes = [q.numel() for q in kfac_parameters(unet)]
     p = sum(sizes)
     blocks = sizes if dtype == "int8" else [p]
-    meta = store_meta(n, p, dtype, blocks, m, num_draws, seed, timesteps, options)
+    meta = store_meta(n, p, dtype, blocks, m, plan, seed, timesteps, options)
     if (directory / "store.json").exists() and read_json(directory / "store.json") != meta:
         raise UserError(f"gradient store {directory} was built with other settings; delete it and rebuild")
     if not (directory / "progress.json").exists():
@@ -142,14 +143,14 @@ def build_gradient_store_sharded(directory: Path, unet, schedule, images: Tensor
         write_json(directory / "progress.json", {"rounds_done": 0, "rows_done": 0})
     first = int(read_json(directory / "progress.json")["rounds_done"])
     total = max(0, rounds - first) * n
-    stage = f"training gradients ({num_draws} draws per round, {rounds} rounds, sharded)"
+    stage = f"training gradients ({sum(plan)} draws in {len(plan)} rounds, sharded)"
     model = pack_unet(unet)
     x = images.detach().cpu().numpy()
     shards = store_shard_ranges(n, num_shards or 2 * executor.slots, chunk_size)
     npdtype = np.float16 if dtype == "float16" else np.int8
     for r in range(first, rounds):
         half = r % 2
-        prev = rounds_in_half(r, half)  # rounds already averaged into this half
+        prev = draws_in_half(plan, r, half)  # draws already averaged into this half
         hdir = directory / f"half{half}"
         nxt = hdir / "next"
         nxt.mkdir(parents=True, exist_ok=True)
@@ -167,18 +168,18 @@ def build_gradient_store_sharded(directory: Path, unet, schedule, images: Tensor
             done[a:b] = True
         todo = [(a, b) for a, b in shards if not done[a:b].all()]
         opts = DrawOptions(options.scheme, options.hflip, r, options.proposal)
-        items = [(model, schedule, x[a:b], a, str(m), num_draws, seed, timesteps, chunk_size,
+        items = [(model, schedule, x[a:b], a, str(m), plan[r], seed, timesteps, chunk_size,
                   rows_per_batch or ROWS_PER_BATCH, opts) for a, b in todo]
         old = StoreHalf(hdir, blocks) if prev > 0 else None
         if progress is not None:
             progress((r - first) * n + int(done.sum()), max(total, 1), stage)
 
-        def on_result(_i, result, r=r, prev=prev, old=old):
+        def on_result(_i, result, r=r, prev=prev, old=old, k=plan[r]):
             start, g = result
             stop = start + len(g)
             g = torch.from_numpy(g)
-            if old is not None:  # running mean of this half's rounds, as the store computes it
-                g = (old.rows(start, stop) * prev + g.float()) / (prev + 1)
+            if old is not None:  # draw-weighted running mean of this half, as the store computes it
+                g = (old.rows(start, stop) * prev + g.float() * k) / (prev + k)
             q, sc = quantize_rows(g, dtype, blocks)
             values = np.load(nxt / "grads.npy", mmap_mode="r+")
             scales = np.load(nxt / "scales.npy", mmap_mode="r+")

@@ -70,17 +70,18 @@ def test_sharded_store_is_bit_identical_and_resumes(micro_run, tmp_path, request
     unet = micro_run.load_unet().float().eval()
     images = micro_run.dataset().tensors().float()
     m, schedule = Measurement("loss"), micro_run.schedule()
-    kw = dict(dtype=dtype, chunk_size=4, rounds=3, options=options)  # 3 rounds: half 0 averages two
-    single = build_gradient_store(tmp_path / "single", unet, schedule, images, m, 2, 3, **kw)
+    # rounds of 1, 1, 2 draws: half 0 averages two rounds (draw-weighted), half 1 holds one
+    kw = dict(dtype=dtype, chunk_size=4, rounds=3, options=options, round_draws=[1, 1, 2])
+    single = build_gradient_store(tmp_path / "single", unet, schedule, images, m, 0, 3, **kw)
 
     # interrupted inside the second round, then resumed on the process pool
     seen = []
-    stopped = build_gradient_store_sharded(tmp_path / "sharded", unet, schedule, images, m, 2, 3, INLINE,
+    stopped = build_gradient_store_sharded(tmp_path / "sharded", unet, schedule, images, m, 0, 3, INLINE,
                                            num_shards=3, progress=lambda d, n, s: seen.append(d),
                                            should_stop=lambda: len(seen) > 5, **kw)
     assert stopped is None and 16 < seen[-1] < 32
     assert GradientStore(tmp_path / "sharded").rounds_done == 1
-    store = build_gradient_store_sharded(tmp_path / "sharded", unet, schedule, images, m, 2, 3, executor,
+    store = build_gradient_store_sharded(tmp_path / "sharded", unet, schedule, images, m, 0, 3, executor,
                                          num_shards=3, **kw)
     assert store.rounds_done == 3 and store.n == single.n
     assert store_files(tmp_path / "sharded") == store_files(tmp_path / "single")
@@ -203,15 +204,16 @@ def test_build_command_and_sharded_artifacts_are_what_attribute_uses(micro_run, 
     shutil.copytree(micro_run.path, tmp_path / "a", ignore=shutil.ignore_patterns("artifacts", "lds*"))
     shutil.copytree(micro_run.path, tmp_path / "b", ignore=shutil.ignore_patterns("artifacts", "lds*"))
     a, b = Run(tmp_path / "a"), Run(tmp_path / "b")
-    flags = ["--method", "ekfac", "--train-draws", "2", "--factor-draws", "2", "--quiet"]
+    flags = ["--method", "ekfac", "--train-draws", "4", "--preview-draws", "1", "--factor-draws", "2", "--quiet"]
     assert main(["build", "--run", str(a.path), *flags]) == 0  # in this process: the reference
     out_a = json.loads(capsys.readouterr().out)
-    settings = influence.InfluenceSettings(method="ekfac", train_draws=2, factor_draws=2, query_draws=2)
+    settings = influence.InfluenceSettings(method="ekfac", train_draws=4, preview_draws=1, factor_draws=2,
+                                           query_draws=2)
     assert cli_build.build_store(b, settings, pool, num_shards=2).complete
     assert cli_build.build_curvature(b, settings, pool, num_shards=2).exists()
     assert cli_build.store_dir(b, settings).name == Path(out_a["store"]).name
     assert store_files(Path(out_a["store"])) == store_files(cli_build.store_dir(b, settings))
-    assert out_a["settings"]["train_rounds"] is None and settings.rounds == 2
+    assert out_a["settings"]["preview_draws"] == 1 and settings.round_draws == [1, 1, 1, 1]
     # attribute finds both artifacts and builds neither again
     monkeypatch.setattr(influence, "build_gradient_store", lambda *a, **k: pytest.fail("store rebuilt"))
     monkeypatch.setattr("attribution.store.build_gradient_store", lambda *a, **k: pytest.fail("store rebuilt"))
