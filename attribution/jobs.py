@@ -196,11 +196,18 @@ def _kind_baseline(run_dir: Path, args: dict, progress: JobProgress):
     return {"shape": list(scores.shape)}, scores
 
 
+def _kind_regenerate(run_dir: Path, args: dict, progress: JobProgress) -> dict:
+    from attribution.regen_job import run_job
+
+    return run_job(run_dir, args, progress)
+
+
 KINDS: dict[str, Callable] = {
     "train": _kind_train,
     "sample": _kind_sample,
     "influence": _kind_influence,
     "baseline": _kind_baseline,
+    "regenerate": _kind_regenerate,
 }
 
 
