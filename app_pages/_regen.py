@@ -83,7 +83,7 @@ def _results(run: Run, report: dict, images: dict, ds) -> None:
                        columns=16, size=48)
 
 
-def _start_form(run: Run) -> None:
+def _start_form(run: Run, ds) -> None:
     names = [n for n in run.sample_names() if samples(run, n)["has_trajectory"]]
     if not names:
         st.info("Regeneration needs query samples drawn with their trajectories (Sample page: keep trajectories).")
@@ -95,7 +95,9 @@ def _start_form(run: Run) -> None:
         n_q = len(samples(run, qset)["images"])
         queries = b.multiselect("Queries", list(range(n_q)), default=[0], key="l_rn_q")
         a, b, c = st.columns(3)
-        k = a.number_input("k: training images removed per query", 1, 100_000, 80, key="l_rn_k")
+        n_train = len(ds)
+        k = a.number_input(f"k: training images removed per query (of {n_train})", 1, max(1, n_train - 1),
+                           min(80, max(1, n_train // 5)), key="l_rn_k")
         choices = [m.value for m in RemovalMethod if m != RemovalMethod.RANDOM]
         methods = b.multiselect("Methods (random is always added)", choices, default=["kfac", "dtrak"], key="l_rn_m",
                                 format_func=lambda v: RemovalMethod(v).label)
@@ -148,4 +150,4 @@ def regen_panel(run: Run, ds) -> None:
         job_progress(str(run.path), other["id"], "counterfactual regeneration (started elsewhere)")
     with st.expander("Start a new regeneration (retrains one model per query and method, in the background)",
                      expanded=JOB_KEY in st.session_state):
-        _start_form(run)
+        _start_form(run, ds)

@@ -285,23 +285,26 @@ def _run_unit(run: Run, job: RegenJob, unit: Unit, i: int, count: int, ctx: dict
     unet = Run(path).load_unet(device)
     schedule = run.schedule()
     pos = {q: j for j, q in enumerate(job.query_indices)}
-    for q in unit.queries:
-        if should_stop is not None and should_stop():
-            return False
-        j = pos[q]
-        img_file = _image_file(path, job, ctx["digest"], q)
-        if not img_file.exists():
-            rcb = None if progress is None else (lambda s, T, q=q: progress(s, T, f"{head}regenerating query {q}"))
-            img = regenerate(unet, schedule, ctx["queries"]["trajectory"][0, j:j + 1], ctx["noise"][:, j:j + 1],
-                             progress=rcb)
-            save_tensors(img_file, {"image": img[0]}, {"query": q, "query_set": job.query_set})
-        val_file = _value_file(path, job, ctx["digest"], q)
-        if not val_file.exists():
-            traj = ctx["queries"]["trajectory"][:, j:j + 1]
-            val = measurement_values(unet, schedule, ctx["queries"]["images"][j:j + 1],
-                                     parse_measurement(job.measurement), job.num_draws, job.measure_seed,
-                                     trajectory=traj, offset=q)
-            save_tensors(val_file, {"value": val.double()}, {"query": q, "measurement": job.measurement})
+    if should_stop is not None and should_stop():
+        return False
+    # all of this model's queries in one batch (the reference regenerates every query)
+    todo = [q for q in unit.queries if not _image_file(path, job, ctx["digest"], q).exists()]
+    if todo:
+        cols = [pos[q] for q in todo]
+        rcb = None if progress is None else (lambda s, T: progress(s, T, f"{head}regenerating query "
+                                                                          f"{', '.join(map(str, todo))}"))
+        imgs = regenerate(unet, schedule, ctx["queries"]["trajectory"][0, cols], ctx["noise"][:, cols], progress=rcb)
+        for q, img in zip(todo, imgs):
+            save_tensors(_image_file(path, job, ctx["digest"], q), {"image": img}, {"query": q, "query_set": job.query_set})
+    todo = [q for q in unit.queries if not _value_file(path, job, ctx["digest"], q).exists()]
+    if todo:
+        cols = [pos[q] for q in todo]
+        vals = measurement_values(unet, schedule, ctx["queries"]["images"][cols], parse_measurement(job.measurement),
+                                  job.num_draws, job.measure_seed, trajectory=ctx["queries"]["trajectory"][:, cols],
+                                  offset=todo)
+        for q, v in zip(todo, vals):
+            save_tensors(_value_file(path, job, ctx["digest"], q), {"value": v.reshape(1).double()},
+                         {"query": q, "measurement": job.measurement})
     return True
 
 
