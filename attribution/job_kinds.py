@@ -285,12 +285,24 @@ def _plan_warmup(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
     return [{"name": "warm-up", "kind": "warmup", "units": None}]
 
 
+def _run_regenerate(run_dir: Path, args: dict, progress) -> dict:
+    """Counterfactual regeneration (attribution/regen_job.py): retrain without top-k, regenerate."""
+    from attribution.regen_job import run_job
+
+    return run_job(run_dir, args, progress)
+
+
+def _plan_regenerate(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
+    return [{"name": "counterfactual regeneration", "kind": "regenerate", "units": None}]
+
+
 KINDS: dict[str, JobKind] = {
     "train": JobKind(_run_train, _needs_train, _plan_train),
     "sample": JobKind(_run_sample, _needs_sample, _plan_sample),
     "influence": JobKind(_run_influence, _needs_influence, _plan_influence),
     "baseline": JobKind(_run_baseline, _needs_baseline, _plan_baseline),
     "warmup": JobKind(_run_warmup, lambda run_dir, args: [], _plan_warmup),
+    "regenerate": JobKind(_run_regenerate, lambda run_dir, args: [], _plan_regenerate),
 }
 
 
