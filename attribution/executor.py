@@ -45,6 +45,7 @@ class Executor:
 
     kind: ExecutorKind
     inline = False  # True: units run in the calling process (step progress and stop inside units)
+    same_machine = False  # True: units see the driver's files (they may load inputs themselves)
 
     @property
     def slots(self) -> int:
@@ -92,6 +93,7 @@ class LocalExecutor(Executor):
     """In-process (``workers=1``) or a pool of ``workers`` spawned processes, one thread each."""
 
     kind = ExecutorKind.LOCAL
+    same_machine = True
 
     def __init__(self, workers: int = 1, threads_per_worker: int = 1, in_process: Optional[bool] = None):
         if workers < 1:

@@ -73,9 +73,9 @@ def _measure_queries(unet, schedule, queries: dict, unit: RetrainUnit) -> dict[s
 def retrain_unit(unit: RetrainUnit, dataset_images, queries) -> dict:
     """Worker side: train (or load) and measure one model in a scratch directory.
 
-    ``dataset_images``: ``[N, C, H, W]`` float (numpy or torch) of the dataset; ``queries``:
-    ``{"images", "trajectory"?}`` or None when nothing is measured. Returns ``{"files", "digest",
-    "values"}``.
+    ``dataset_images``: ``[N, C, H, W]`` float (numpy or torch) of the dataset, or None to load it
+    from ``unit.spec`` (a worker on the driver's machine); ``queries``: ``{"images",
+    "trajectory"?}`` or None when nothing is measured. Returns ``{"files", "digest", "values"}``.
     """
     from attribution.ddpm import default_device, linear_schedule
     from attribution.evaluation import _fit_subset
@@ -85,7 +85,7 @@ def retrain_unit(unit: RetrainUnit, dataset_images, queries) -> dict:
     with tempfile.TemporaryDirectory(prefix="attribution-unit-") as tmp:
         out = Path(tmp) / unit.name
         if unit.model_files is None:
-            images = torch.as_tensor(np.asarray(dataset_images))
+            images = None if dataset_images is None else torch.as_tensor(np.asarray(dataset_images))
             _fit_subset(out, unit.spec, TrainConfig(**unit.train), list(unit.subset), None, None, device,
                         images=images)
             shutil.rmtree(out / "train_state", ignore_errors=True)
@@ -153,7 +153,10 @@ def _execute(executor, units: list[RetrainUnit], paths: list[Path], run: Run, qu
     """Submit ``units`` (images and queries shared once), write each result as it arrives."""
     if not units:
         return True
-    images = executor.share(_dataset_array(run)) if any(u.model_files is None for u in units) else None
+    # the dataset travels through the executor (Ray's object store) unless the workers share this
+    # machine: a local worker loads it from the spec once (cached per process), not once per unit
+    trains = any(u.model_files is None for u in units)
+    images = executor.share(_dataset_array(run)) if trains and not executor.same_machine else None
     meas = sorted({t for u in units for t in u.measurements})
     queries = executor.share(_queries_for(run, query_set, meas)) if meas else None
     done = [0]
