@@ -119,7 +119,8 @@ def artifact_keys(query_set: str, settings) -> dict[str, str]:
     cache file per measurement and draws, so two of its builds must not run at once."""
     m = settings.gradient_measurement
     return {
-        "store": f"training-gradient store ({settings.train_draws} draws, seed {settings.seed}, {settings.store_dtype})",
+        "store": f"training-gradient store ({settings.train_draws} draws from {settings.preview_draws}, "
+                 f"{settings.draw_scheme}, seed {settings.seed}, {settings.store_dtype})",
         "factors": f"{settings.method} factors ({settings.fisher}, {settings.kfac_type}, "
                    f"{settings.factor_draws} draws, seed {settings.seed})",
         "query_gradients": f"query gradients ({query_set}, {m}, {settings.query_draws} draws, seed {settings.seed})",
@@ -127,12 +128,18 @@ def artifact_keys(query_set: str, settings) -> dict[str, str]:
 
 
 def _run_influence(run_dir: Path, args: dict, progress):
-    from attribution.influence import influence_scores
+    """Scores with the store grown to ``args["rounds"]`` rounds (None: all of them); the result
+    carries the stability figures and, per query row, the scores' standard errors."""
+    from attribution.influence import influence_result
     from attribution.runs import open_run
 
     run = open_run(run_dir)
-    scores = influence_scores(run, args["query_set"], list(args["query_indices"]), _settings(args), progress=progress)
-    return {"shape": list(scores.shape)}, scores
+    res = influence_result(run, args["query_set"], list(args["query_indices"]), _settings(args), progress=progress,
+                           rounds=args.get("rounds"), k=int(args.get("k", 16)))
+    out = {"shape": list(res.scores.shape),
+           "stability": [res.summary(i) for i in range(res.scores.shape[0])],
+           "se": None if res.se is None else [[round(float(x), 9) for x in row] for row in res.se]}
+    return out, res.scores
 
 
 def _needs_influence(run_dir: Path, args: dict) -> list[str]:
@@ -140,7 +147,8 @@ def _needs_influence(run_dir: Path, args: dict) -> list[str]:
     from attribution.runs import open_run
 
     settings = _settings(args)
-    have = influence_status(open_run(run_dir), args["query_set"], list(args["query_indices"]), settings)
+    have = influence_status(open_run(run_dir), args["query_set"], list(args["query_indices"]), settings,
+                            rounds=args.get("rounds"))
     keys = artifact_keys(args["query_set"], settings)
     out = []
     for name, value in have.items():  # tolerant of new entries (non-bool ones are information)
@@ -186,8 +194,13 @@ def _plan_influence(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
             plan.append({"name": f"{name} factors", "kind": "factors", "variant": variant,
                          "units": n * settings.factor_draws, **p})
     if keys["store"] in needs:
-        plan.append({"name": f"training-gradient store ({n:,} images x {settings.train_draws} draws)",
-                     "kind": "store", "units": n * settings.train_draws, **p})
+        from attribution.influence import store_rounds_done
+
+        rounds = settings.rounds if args.get("rounds") is None else min(int(args["rounds"]), settings.rounds)
+        done = store_rounds_done(run, settings)
+        draws = sum(settings.round_draws[done:rounds])
+        plan.append({"name": f"training-gradient store ({n:,} images x {draws} draws, rounds {done + 1}-{rounds} "
+                             f"of {settings.rounds})", "kind": "store", "units": n * draws, **p})
     return plan
 
 
