@@ -36,6 +36,26 @@ st.caption("The linear datamodeling score (LDS): retrain on many random halves o
            "perfect). The exact-retraining bar is the ceiling: one training seed predicting another.")
 
 
+def lds_start_form() -> None:
+    """Start the LDS ground truth as a background job of this session: on this machine, or on the
+    Ray cluster at $ATTRIBUTION_RAY_ADDRESS when the server was started with it."""
+    import os
+
+    where = (f"the Ray cluster at `{os.environ['ATTRIBUTION_RAY_ADDRESS']}`" if os.environ.get("ATTRIBUTION_RAY_ADDRESS")
+             else "this machine (set ATTRIBUTION_RAY_ADDRESS before starting the app to use a Ray cluster)")
+    with st.expander("Build the LDS ground truth in the background"):
+        st.caption(f"Retrains the model on random halves of the training data and measures the queries, on {where}. "
+                   "Resumable; hours on a CPU.")
+        c1, c2, c3 = st.columns(3)
+        m = c1.number_input("Subsets", 2, 500, 32, key="l_new_m")
+        r = c2.number_input("Seeds per subset", 1, 10, 2, key="l_new_r")
+        d = c3.number_input("Draws per measurement", 8, 5000, 128, key="l_new_d")
+        args = {"subsets": int(m), "seeds": int(r), "draws": int(d), "measurements": ["loss"]}
+        if st.button("Start", key="l_new_go") or st.session_state.get("l_new_args") == args:
+            st.session_state["l_new_args"] = args
+            ensure_job(run, "lds", args, "LDS ground truth", wait_s=0.5, key="l_new")
+
+
 def lds_progress_panel() -> None:
     """Progress of LDS retraining jobs started from the CLI (their progress JSON files)."""
     for p in sorted((run.path / "lds").glob("*/progress_*.json")):
@@ -53,6 +73,7 @@ if not truths:
     st.info("This run has no LDS ground truth yet (retrained models measured on its queries). Build it "
             "from a terminal (resumable; progress appears here):")
     st.code(BUILD_CMD, language="bash", wrap_lines=True)
+    lds_start_form()
     lds_progress_panel()
     regen_panel(run, ds)
     st.stop()
@@ -75,6 +96,7 @@ st.caption(f"Ground truth: {gt.num_subsets} subsets × {gt.num_seeds} seeds, {gt
            f"retrained model. Built with (re-run it with more subsets or seeds to extend it; finished models are "
            f"kept):")
 st.code(lds_command(run.path, gt.meta, run.config.get("train")), language="bash", wrap_lines=True)
+lds_start_form()
 lds_progress_panel()
 fp = model_fingerprint(run)
 q_all = list(range(gt.num_queries))

@@ -309,6 +309,36 @@ def _plan_regenerate(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
     return [{"name": "counterfactual regeneration", "kind": "regenerate", "units": None}]
 
 
+def _lds_job(args: dict):
+    from attribution.evaluation import LDSJob
+
+    return LDSJob(num_subsets=int(args["subsets"]), num_seeds=int(args["seeds"]),
+                  measurements=tuple(args.get("measurements", ("loss",))), num_draws=int(args.get("draws", 128)),
+                  query_set=args.get("query_set", "queries"))
+
+
+def _run_lds(run_dir: Path, args: dict, progress) -> dict:
+    """LDS ground truth on the configured executor (the Ray cluster at $ATTRIBUTION_RAY_ADDRESS when
+    set, else this machine): retrain, measure, collect. Resumable; cancelling stops between units."""
+    from attribution.jobs import JobCancelled
+    from attribution.retrain_units import ground_truth_job
+    from attribution.runs import open_run
+
+    out = ground_truth_job(open_run(run_dir), _lds_job(args), progress=progress, workers=int(args.get("workers", 1)))
+    if out is None:
+        raise JobCancelled("LDS ground truth stopped; start it again to resume")
+    return {k: str(v) for k, v in out.items()}
+
+
+def _needs_lds(run_dir: Path, args: dict) -> list[str]:
+    return [f"LDS ground truth of {Path(run_dir).resolve()} ({config_hash(args, 8)})"]
+
+
+def _plan_lds(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
+    return [{"name": f"LDS ground truth ({args['subsets']} subsets x {args['seeds']} seeds)", "kind": "lds",
+             "units": None}]
+
+
 KINDS: dict[str, JobKind] = {
     "train": JobKind(_run_train, _needs_train, _plan_train),
     "sample": JobKind(_run_sample, _needs_sample, _plan_sample),
@@ -316,6 +346,7 @@ KINDS: dict[str, JobKind] = {
     "baseline": JobKind(_run_baseline, _needs_baseline, _plan_baseline),
     "warmup": JobKind(_run_warmup, lambda run_dir, args: [], _plan_warmup),
     "regenerate": JobKind(_run_regenerate, lambda run_dir, args: [], _plan_regenerate),
+    "lds": JobKind(_run_lds, _needs_lds, _plan_lds),
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from attribution import jobs
-from attribution.runs import read_json, write_json
+from attribution.runs import open_run, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,3 +155,18 @@ def test_influence_job_saves_the_engine_scores(run_copy):
     assert torch.allclose(saved, direct.float(), rtol=1e-5, atol=1e-8)
     bad = jobs.execute("influence", run_copy.path, {**args, "query_indices": [99]})
     assert bad["status"] == "failed" and "out of range" in bad["error"]
+
+
+def test_lds_job_builds_ground_truth_on_the_configured_executor(run_copy, monkeypatch):
+    """The app's "lds" job kind: ground truth on the local executor (no ATTRIBUTION_RAY_ADDRESS),
+    saved in the run and found by the LDS page's loader; a second start reuses every model."""
+    from attribution.evaluation import list_ground_truth
+
+    monkeypatch.delenv("ATTRIBUTION_RAY_ADDRESS", raising=False)
+    args = {"subsets": 2, "seeds": 1, "draws": 4, "measurements": ["loss"]}
+    state = jobs.execute("lds", run_copy.path, args)
+    assert state["status"] == "done", state.get("error")
+    truths = list_ground_truth(open_run(run_copy.path))
+    assert [t["measurement"] for t in truths] == ["loss"] and truths[0]["num_subsets"] == 2
+    again = jobs.execute("lds", run_copy.path, args)
+    assert again["status"] == "done" and again["result"]["truth_dir"] == state["result"]["truth_dir"]
