@@ -22,19 +22,30 @@ def warmup_enabled() -> bool:
     return os.environ.get("ATTRIBUTION_WARMUP", "1") != "0"
 
 
+def _extra(run, state: dict) -> dict:
+    """What the job found besides the scores: ``{"stability": dict or None, "se": [N] or None}``."""
+    stability = ((state.get("result") or {}).get("stability") or [None])[0]
+    tensors = jobs.load_result_tensors(run.path, state["id"]) or {}
+    se = tensors.get("se")
+    return {"stability": stability, "se": None if se is None else se[0]}
+
+
 def influence_result(run, args: dict, label: str, ds):
-    """``(state, scores row [N] or None)`` for influence ``args``; starts the job when missing.
+    """``(state, scores row [N] or None, extra info)`` for influence ``args`` (extra: see
+    :func:`_extra`); starts the job when missing.
 
     Only a settled value starts a job: a new request first waits ``DEBOUNCE_S`` and then yields
     to Streamlit (a newer widget value stops this run there), and this session's queued requests
     for settings it has moved away from are cancelled."""
     from attribution.influence import InfluenceSettings, influence_status
+    from attribution.job_kinds import warm_engine
 
+    warm_engine(run)
     jid = jobs.job_id("influence", args)
     state = jobs.status(run.path, jid)
     if state is not None and state["status"] == "done" and jobs.has_result(run.path, state):
         st.session_state["a_requested"] = jid
-        return state, jobs.load_result(run.path, jid)[0]
+        return state, jobs.load_result(run.path, jid)[0], _extra(run, state)
     if st.session_state.get("a_requested") != jid and (state is None or state["status"] not in jobs.ACTIVE):
         time.sleep(DEBOUNCE_S)
         st.empty()  # a yield point: if the slider moved on meanwhile, this run stops here
@@ -45,7 +56,9 @@ def influence_result(run, args: dict, label: str, ds):
     if summary:
         st.caption(summary)
     state, scores = ensure_job(run, "influence", args, label, wait_s=2.5)
-    return state, None if scores is None else scores[0]
+    if scores is None:
+        return state, None, {}
+    return state, scores[0], _extra(run, state)
 
 
 def start_warmup(run, settings: dict, query_set: str, query: int, model: str, baselines) -> None:

@@ -57,10 +57,16 @@ def current_run() -> Run:
 
 
 def require_model(run: Run) -> None:
+    """Stops the page with a warning when the run has no model yet; else readies the influence
+    engine for it (once per process, behind a lock: sessions are threads)."""
     if not run.has_model():
         st.warning(f"Run `{run.path}` has no trained model yet (training may still be running). "
                    "Pick another run or wait for training to finish.")
         st.stop()
+    from attribution.job_kinds import warm_engine
+
+    with user_errors():
+        warm_engine(run)
 
 
 def device_name() -> str:

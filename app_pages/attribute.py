@@ -30,7 +30,8 @@ def render_gallery(scores_row, info: dict) -> list[dict]:
     ``info``: ``title`` (None: drawn by the caller), ``method`` (export name), ``k``, ``ds`` (the training set), ``key``
     (widget prefix), ``kind`` ("influence": positive / negative / neutral; "baseline": the most
     similar), optional ``updating`` (text: the gallery is for earlier settings and is being
-    replaced) and ``notes`` (extra caption lines, e.g. reliability figures)."""
+    replaced) and ``notes`` (extra caption lines); from the job: ``stability`` (the engine's
+    reliability summary of this query, or None) and ``se`` (standard error per score ``[N]``, or None)."""
     from attribution.influence import top_k
 
     ds, k = info["ds"], int(info["k"])
@@ -126,8 +127,8 @@ with left:
                                bind="query-params", format_func=lambda v: f"{v:.1e}")
     k = st.slider("Top-k", 1, 32, 8, key="a_k", bind="query-params")
     with st.expander("Monte-Carlo draws"):
-        train_draws = st.number_input("Draws per training gradient", 1, 1000, 32, key="a_td")
-        query_draws = st.number_input("Draws per query gradient", 1, 1000, 64, key="a_qd")
+        train_draws = st.number_input("Draws per training gradient", 2, 1000, 32, step=2, key="a_td")
+        query_draws = st.number_input("Draws per query gradient (two halves)", 2, 100_000, 64, step=2, key="a_qd")
     show_baselines = st.toggle("Show baselines", True, key="a_b", bind="query-params",
                                help="TRAK, D-TRAK, CLIP cosine and pixel cosine for the same query")
 
@@ -154,7 +155,7 @@ with right:
         args = {"settings": full, "query_set": qset, "query_indices": [int(q)], "model": fp}
         title = f"{variant_label(method, fisher, kfac_type)} influence on the {MEASURE_LABELS[measurement]}" \
             + (f" (t = {timestep})" if timestep is not None else "")
-        state, row = influence_result(run, args, settings_label(full, qset, int(q)), ds)
+        state, row, extra = influence_result(run, args, settings_label(full, qset, int(q)), ds)
         if row is not None:
             scores_row = row
             st.session_state["a_last_gallery"] = {"row": row, "title": title, "label": settings_label(full, qset, int(q)),
@@ -162,7 +163,7 @@ with right:
             st.session_state["attr_last"] = {"args": args, "seconds": state["updated"] - state["started"]}
             st.caption(CAPTION_KEY)
             rows = render_gallery(row, {"title": title, "method": f"{method}-{fisher}-{kfac_type}", "k": k, "ds": ds,
-                                        "key": "d", "kind": "influence",
+                                        "key": "d", "kind": "influence", **extra,
                                         "notes": [f"Scored for: {settings_label(full, qset, int(q))}"]})
             start_warmup(run, full, qset, int(q), fp, BASELINES)
         elif state is not None and state["status"] in jobs.ACTIVE:

@@ -310,8 +310,10 @@ def execute(kind: str, run_dir: Path, args: dict, mode: str = "foreground", owne
         if isinstance(out, tuple):
             from attribution.runs import save_tensors
 
-            out, scores = out
-            save_tensors(result_path(run_dir, jid), {"scores": scores.float()}, {"job": jid, "args": args})
+            out, tensors = out
+            tensors = tensors if isinstance(tensors, dict) else {"scores": tensors}
+            save_tensors(result_path(run_dir, jid), {k: v.float() for k, v in tensors.items()},
+                         {"job": jid, "args": args})
         state.update(status="done", result=out, eta_s=0.0, eta_total_s=0.0)
     except (JobCancelled, KeyboardInterrupt):
         state.update(status="cancelled", error="cancelled; start the same job again to resume")
@@ -483,6 +485,15 @@ def load_result(run_dir: Path, jid: str):
 
     p = result_path(run_dir, jid)
     return load_tensors(p)[0]["scores"] if p.exists() else None
+
+
+def load_result_tensors(run_dir: Path, jid: str) -> Optional[dict]:
+    """Every tensor a finished score job saved (``"scores"``; influence also ``"scores_a"``,
+    ``"scores_b"``, ``"se"`` when the store has two halves), or None."""
+    from attribution.runs import load_tensors
+
+    p = result_path(run_dir, jid)
+    return load_tensors(p)[0] if p.exists() else None
 
 
 def has_result(run_dir: Path, state: dict) -> bool:

@@ -325,9 +325,9 @@ def test_attribute_status_line_says_what_is_computed_in_plain_words(app, app_run
     pytest.importorskip("attribution.influence")
     at = app("app_pages/attribute.py")
     at.toggle(key="a_b").set_value(False)
-    at.number_input(key="a_qd").set_value(3).run()  # new query draws: the query gradient is missing
+    at.number_input(key="a_qd").set_value(6).run()  # new query draws: the query gradient is missing
     text = _texts(at.caption)
-    assert "gradient of the loss for query queries[0] (3 noise draws)" in text, text
+    assert "gradient of the loss for query queries[0] (6 noise draws)" in text, text
     assert "to build:" not in text and "query_gradients" not in text and "--" not in text
     _wait_all(app_run.path, timeout=300)
 
