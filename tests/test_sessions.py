@@ -268,8 +268,6 @@ def _demo_plan(p=175_569):
 def _simulate(tracker, stages, slow, t0=1000.0, steps=10, check=None):
     """Feed ``tracker`` progress reports of ``stages`` [(reported name, prior seconds)] running
     ``slow`` times slower than the priors; ``check(t, est, truth_left_total, truth_left_stage)``."""
-    from attribution.job_estimates import PRIOR_S_PER_UNIT  # noqa: F401  (priors are what "slow" scales)
-
     durations = [d * slow for _, d in stages]
     t = t0
     for k, ((name, _), dur) in enumerate(zip(stages, durations)):
