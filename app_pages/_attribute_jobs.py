@@ -22,17 +22,17 @@ def warmup_enabled() -> bool:
     return os.environ.get("ATTRIBUTION_WARMUP", "1") != "0"
 
 
-def _extra(run, state: dict) -> dict:
-    """What the job found besides the scores: ``{"stability": dict or None, "se": [N] or None}``."""
-    stability = ((state.get("result") or {}).get("stability") or [None])[0]
-    tensors = jobs.load_result_tensors(run.path, state["id"]) or {}
-    se = tensors.get("se")
-    return {"stability": stability, "se": None if se is None else se[0]}
+def scored_rounds(run, settings) -> int:
+    """How many store rounds the gallery is scored with: every completed round once the preview
+    exists (re-scoring them takes about a second), else the preview's PREVIEW_ROUNDS."""
+    from attribution.influence import PREVIEW_ROUNDS, store_rounds_done
+
+    return max(min(PREVIEW_ROUNDS, settings.rounds), store_rounds_done(run, settings))
 
 
 def influence_result(run, args: dict, label: str, ds):
-    """``(state, scores row [N] or None, extra info)`` for influence ``args`` (extra: see
-    :func:`_extra`); starts the job when missing.
+    """``(state, scores row [N] or None, result dict or None)`` for influence ``args``; starts the
+    job when missing. The store rounds scored are :func:`scored_rounds` (``args["rounds"]``).
 
     Only a settled value starts a job: a new request first waits ``DEBOUNCE_S`` and then yields
     to Streamlit (a newer widget value stops this run there), and this session's queued requests
@@ -41,24 +41,54 @@ def influence_result(run, args: dict, label: str, ds):
     from attribution.job_kinds import warm_engine
 
     warm_engine(run)
+    settings_obj = InfluenceSettings(**args["settings"])
+    args = {**args, "rounds": scored_rounds(run, settings_obj)}
     jid = jobs.job_id("influence", args)
     state = jobs.status(run.path, jid)
     if state is not None and state["status"] == "done" and jobs.has_result(run.path, state):
         st.session_state["a_requested"] = jid
-        return state, jobs.load_result(run.path, jid)[0], _extra(run, state)
+        return state, jobs.load_result(run.path, jid)[0], state.get("result")
     if st.session_state.get("a_requested") != jid and (state is None or state["status"] not in jobs.ACTIVE):
         time.sleep(DEBOUNCE_S)
         st.empty()  # a yield point: if the slider moved on meanwhile, this run stops here
     st.session_state["a_requested"] = jid
     jobs.cancel_superseded(run.path, session_id(), "influence", keep=jid)
-    have = influence_status(run, args["query_set"], list(args["query_indices"]), InfluenceSettings(**args["settings"]))
+    have = influence_status(run, args["query_set"], list(args["query_indices"]), settings_obj, rounds=args["rounds"])
     summary = build_summary(have, args["settings"], len(ds), args["query_set"], args["query_indices"][0])
     if summary:
         st.caption(summary)
     state, scores = ensure_job(run, "influence", args, label, wait_s=2.5)
-    if scores is None:
-        return state, None, {}
-    return state, scores[0], _extra(run, state)
+    return state, None if scores is None else scores[0], None if state is None else state.get("result")
+
+
+def start_refinement(run, args: dict) -> None:
+    """After a preview gallery: grow the store to all its rounds in the background (low priority,
+    resumable; every completed round is kept), so the gallery sharpens as rounds land."""
+    from attribution.influence import InfluenceSettings
+
+    settings = InfluenceSettings(**args["settings"])
+    full = {**args, "rounds": settings.rounds}
+    jid = jobs.job_id("influence", full)
+    state = jobs.status(run.path, jid)
+    if state is not None and state["status"] in jobs.ACTIVE + ("done",):
+        return
+    jobs.start("influence", run.path, full, owner=session_id(), priority="background",
+               label=f"refining: the training gradients' remaining rounds ({settings.train_draws} draws in all)")
+
+
+@st.fragment(run_every=3.0)
+def refinement_watch(run, settings_dict: dict, rounds_shown: int) -> None:
+    """Reruns the page when the background refinement has completed a new round (the gallery is
+    then re-scored with it: about a second)."""
+    from attribution.influence import InfluenceSettings, store_rounds_done
+
+    settings = InfluenceSettings(**settings_dict)
+    done = store_rounds_done(run, settings)
+    if done > rounds_shown:
+        st.rerun()
+    if rounds_shown < settings.rounds:
+        st.caption(f"Refining in the background: round {done + 1} of {settings.rounds} of the training gradients; "
+                   "the gallery sharpens as each round lands.")
 
 
 def start_warmup(run, settings: dict, query_set: str, query: int, model: str, baselines) -> None:

@@ -15,7 +15,8 @@ from attribution.app_state import (export_csv, export_json, gallery_rows, log_da
                                    scores_table, top_k_simple)
 from attribution.attribute_text import (BASELINE_CAPTION_KEY, CAPTION_KEY, MEASURE_LABELS, approx_note, caption,
                                         default_approx, settings_label, sign_legend, variant_label)
-from app_pages._attribute_jobs import influence_result, start_warmup, warmup_status
+from app_pages._attribute_jobs import (influence_result, refinement_watch, start_refinement, start_warmup,
+                                       warmup_status)
 from app_pages._common import (current_run, dataset, ensure_job, image_grid, model_fingerprint, require_model,
                                samples, user_errors)
 
@@ -24,14 +25,27 @@ GROUPS = (("positive", "Top positive (proponents)"), ("negative", "Top negative 
           ("neutral", "Neutral (|τ| smallest)"))
 
 
+def robust_mark(scores_row, se, index: int, k: int, group: str) -> str:
+    """`` ✓`` when the image stays in the top-k of its group over its whole 90% rank interval."""
+    import torch
+
+    from attribution.stability import rank_interval
+
+    row = torch.as_tensor(scores_row, dtype=torch.float64)
+    se_t = torch.as_tensor(se, dtype=torch.float64)
+    if group == "negative":
+        row = -row
+    _, worst = rank_interval(row, se_t, int(index))
+    return " · ✓" if worst <= k else ""
+
+
 def render_gallery(scores_row, info: dict) -> list[dict]:
     """Draw one method's galleries from its score row ``[N]``; returns the export rows.
 
     ``info``: ``title`` (None: drawn by the caller), ``method`` (export name), ``k``, ``ds`` (the training set), ``key``
     (widget prefix), ``kind`` ("influence": positive / negative / neutral; "baseline": the most
     similar), optional ``updating`` (text: the gallery is for earlier settings and is being
-    replaced) and ``notes`` (extra caption lines); from the job: ``stability`` (the engine's
-    reliability summary of this query, or None) and ``se`` (standard error per score ``[N]``, or None)."""
+    replaced) and ``notes`` (extra caption lines, e.g. reliability figures)."""
     from attribution.influence import top_k
 
     ds, k = info["ds"], int(info["k"])
@@ -51,12 +65,31 @@ def render_gallery(scores_row, info: dict) -> list[dict]:
         if not items:
             st.caption("none")
             continue
+        se = info.get("se")
         image_grid(ds.images[[i for i, _ in items]],
                    [caption(r, ds.ids[i], ds.label_name(int(ds.labels[i])), v, tau=tau)
+                    + (robust_mark(scores_row, se, i, k, group) if se is not None and group != "neutral" else "")
                     for r, (i, v) in enumerate(items, 1)],
                    columns=info.get("columns", 8), size=info.get("size", 88),
                    indices=[i for i, _ in items], detail_key="a_detail", key_prefix=f"{info['key']}_{group}")
     return gallery_rows(info["method"], top, ds)
+
+
+def stability_notes(stab: dict, k: int) -> list[str]:
+    """Plain-words reliability lines of a gallery (from the two halves of its own draws)."""
+    if not stab:
+        return []
+    out = []
+    if stab.get("preview"):
+        out.append(f"Preview: {stab['train_draws_done']} of the training gradients' draws so far (round "
+                   f"{stab['rounds_done']} of {stab['rounds_total']}); more draws are being added in the background.")
+    if "stability" in stab:
+        kk = stab.get("k", k)
+        out.append(f"Reliability (from two independent halves of the draws): a re-run with other random draws "
+                   f"would rank the training images with Spearman ≈ {stab['stability']:.2f} and share about "
+                   f"{stab['expected_top_pos']:.0f} of the top-{kk} proponents and {stab['expected_top_neg']:.0f} of "
+                   f"the top-{kk} opponents. Images marked ✓ stay in the top-{k} within their 90% rank interval.")
+    return out
 
 
 def _measurement_changed() -> None:
@@ -127,8 +160,15 @@ with left:
                                bind="query-params", format_func=lambda v: f"{v:.1e}")
     k = st.slider("Top-k", 1, 32, 8, key="a_k", bind="query-params")
     with st.expander("Monte-Carlo draws"):
-        train_draws = st.number_input("Draws per training gradient", 2, 1000, 32, step=2, key="a_td")
-        query_draws = st.number_input("Draws per query gradient (two halves)", 2, 100_000, 64, step=2, key="a_qd")
+        from attribution.influence import InfluenceSettings as _Defaults
+
+        _d = _Defaults()
+        train_draws = st.number_input("Draws per training gradient (even: two halves)", 2, 4096, _d.train_draws,
+                                      step=2, key="a_td",
+                                      help="The gallery is shown after the first rounds (a preview) and sharpens "
+                                           "as the remaining rounds land")
+        query_draws = st.number_input("Draws per query gradient (even: two halves)", 2, 16384, _d.query_draws,
+                                      step=2, key="a_qd")
     show_baselines = st.toggle("Show baselines", True, key="a_b", bind="query-params",
                                help="TRAK, D-TRAK, CLIP cosine and pixel cosine for the same query")
 
@@ -155,17 +195,29 @@ with right:
         args = {"settings": full, "query_set": qset, "query_indices": [int(q)], "model": fp}
         title = f"{variant_label(method, fisher, kfac_type)} influence on the {MEASURE_LABELS[measurement]}" \
             + (f" (t = {timestep})" if timestep is not None else "")
-        state, row, extra = influence_result(run, args, settings_label(full, qset, int(q)), ds)
+        state, row, result = influence_result(run, args, settings_label(full, qset, int(q)), ds)
         if row is not None:
             scores_row = row
+            stab = (result or {}).get("stability", [{}])[0]
+            se_row = (result or {}).get("se")
+            se_row = None if se_row is None else se_row[0]
+            notes = [f"Scored for: {settings_label(full, qset, int(q))}"] + stability_notes(stab, int(k))
             st.session_state["a_last_gallery"] = {"row": row, "title": title, "label": settings_label(full, qset, int(q)),
                                                   "method": f"{method}-{fisher}-{kfac_type}", "settings": full}
             st.session_state["attr_last"] = {"args": args, "seconds": state["updated"] - state["started"]}
+            st.session_state["a_uncertainty"] = {"se": se_row, "stability": stab}
             st.caption(CAPTION_KEY)
-            rows = render_gallery(row, {"title": title, "method": f"{method}-{fisher}-{kfac_type}", "k": k, "ds": ds,
-                                        "key": "d", "kind": "influence", **extra,
-                                        "notes": [f"Scored for: {settings_label(full, qset, int(q))}"]})
+            rows = render_gallery(row, {"title": title + (" — preview" if stab.get("preview") else ""),
+                                        "method": f"{method}-{fisher}-{kfac_type}", "k": k, "ds": ds,
+                                        "key": "d", "kind": "influence", "notes": notes, "se": se_row})
+            export_settings["stability"] = stab
+            if se_row is not None:
+                for r_ in rows:
+                    r_["se"] = float(se_row[r_["index"]])
             start_warmup(run, full, qset, int(q), fp, BASELINES)
+            if stab.get("preview"):
+                start_refinement(run, args)
+            refinement_watch(run, full, int(stab.get("rounds_done", 0)))
         elif state is not None and state["status"] in jobs.ACTIVE:
             influence_building = True
             last = st.session_state.get("a_last_gallery")
@@ -235,8 +287,19 @@ if rows:
     with c1:
         image_grid(ds.images[[pick]], [ds.ids[pick]], columns=1, size=160)
     with c2:
-        detail = [{"method": "influence", "score": float(scores_row[pick]), "rank": rank_of(scores_row, pick)}] \
-            if scores_row is not None else []
+        unc = st.session_state.get("a_uncertainty") or {}
+        detail = []
+        if scores_row is not None:
+            entry = {"method": "influence", "score": float(scores_row[pick]), "rank": rank_of(scores_row, pick)}
+            if unc.get("se") is not None:
+                import torch
+
+                from attribution.stability import rank_interval
+
+                lo, hi = rank_interval(torch.as_tensor(scores_row, dtype=torch.float64),
+                                       torch.as_tensor(unc["se"], dtype=torch.float64), int(pick))
+                entry.update({"± standard error": float(unc["se"][pick]), "90% rank interval": f"{lo}–{hi}"})
+            detail.append(entry)
         detail += [{"method": m, "score": float(r[pick]), "rank": rank_of(r, pick)} for m, r in baseline_scores.items()]
         st.markdown(f"index **{pick}** · id `{ds.ids[pick]}` · label **{ds.label_name(int(ds.labels[pick]))}** "
                     f"· rank out of {len(ds)}")

@@ -10,8 +10,16 @@ from attribution import jobs
 from attribution.runs import default_runs_root
 from app_pages._common import (current_run, dataset, device_name, ensure_job, image_grid, samples,
                            user_errors)
+from app_pages._url import check_choice, check_range
 
 st.title("Model & data")
+st.markdown(
+    "**Which training images made the model generate this image?** This app answers that for a small diffusion "
+    "model: pick a generated sample on **Attribute** and see the training images ranked by their influence score τ.  \n"
+    "**τ > 0** (a *proponent*): without that training image the model would fit the sample worse, so it helped "
+    "produce it; **τ < 0** (an *opponent*): without it the model would fit the sample better; τ near 0: no effect.  \n"
+    "**Is it right?** **LDS diagnostics** checks the scores against models actually retrained without those images, "
+    "and regenerates the sample without its top proponents: the more it changes, the better the attribution.")
 run = current_run()
 cfg = run.config
 ds = dataset(run)
@@ -27,11 +35,13 @@ if not run.has_model():
 # ----------------------------------------------------------------------------- dataset browser
 st.subheader("Training set")
 labels = sorted(set(int(l) for l in ds.labels))
-pick = st.multiselect("Labels", labels, format_func=ds.label_name, key="md_labels",
+check_choice("md_labels", labels, [], format_func=ds.label_name, multi=True, what="label")
+pick = st.multiselect("Labels", labels, format_func=ds.label_name, key="md_labels", bind="query-params",
                       help="show only these labels (empty = all)")
 index = np.flatnonzero(np.isin(ds.labels, pick)) if pick else np.arange(len(ds))
 per_page = 32
 pages = max(1, -(-len(index) // per_page))
+check_range("md_page", 1, pages, 1, cast=int, what="page")
 page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="md_page", bind="query-params")
 shown = index[(page - 1) * per_page: page * per_page]
 image_grid(ds.images[shown], [f"#{i} · {ds.ids[i]} · {ds.label_name(int(ds.labels[i]))}" for i in shown],
@@ -53,6 +63,7 @@ else:
 st.subheader("Samples")
 names = run.sample_names()
 if names:
+    check_choice("md_set", names, names[0], what="sample set")
     name = st.selectbox("Sample set", names, key="md_set", bind="query-params")
     with user_errors():
         s = samples(run, name)

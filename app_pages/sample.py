@@ -5,6 +5,7 @@ import streamlit as st
 from attribution.app_state import UPLOAD_TYPES, save_upload, validate_upload
 from app_pages._common import (current_run, dataset, device_name, ensure_job, image_grid, require_model,
                            samples, user_errors)
+from app_pages._url import check_choice
 
 st.title("Sample")
 run = current_run()
@@ -42,13 +43,15 @@ names = run.sample_names()
 if not names:
     st.info("No sample sets yet: draw some above, or upload an image below.")
 else:
-    qset = st.selectbox("Sample set", names, key="s_qset",
-                        index=names.index("queries") if "queries" in names else 0)
+    default_set = "queries" if "queries" in names else names[0]
+    check_choice("s_qset", names, default_set, what="sample set")
+    qset = st.selectbox("Sample set", names, key="s_qset", index=names.index(default_set), bind="query-params")
     with user_errors():
         s = samples(run, qset)
         n_set = len(s["images"])
-        picked = st.multiselect("Queries to attribute", list(range(n_set)), default=[0], key="s_qidx",
-                                format_func=lambda i: f"{qset}[{i}]")
+        check_choice("s_qidx", list(range(n_set)), [0], multi=True, what="query index")
+        picked = st.multiselect(f"Queries to attribute (indices in {qset!r})", list(range(n_set)), default=[0],
+                                key="s_qidx", bind="query-params")
         image_grid(s["images"], [f"{qset}[{i}]" + (" ✓" if i in picked else "") for i in range(n_set)],
                    columns=8, size=72)
         if st.button("Use these queries", key="s_use", disabled=not picked):
@@ -60,8 +63,9 @@ else:
 # ----------------------------------------------------------------------------- upload
 st.subheader("Upload a query image")
 st.caption(f"A square {'greyscale' if ds.channels == 1 else 'RGB'} image ({', '.join(UPLOAD_TYPES)}, "
-           f"at most 5 MB); it is resized to {ds.resolution}×{ds.resolution}. Without a trajectory, the "
-           "trajectory measurement is not available for it.")
+           f"at most 5 MB and 2048 px on a side); it is resized to {ds.resolution}×{ds.resolution}. Without a "
+           "trajectory, the trajectory measurement and regeneration are not available for it. Uploads are kept "
+           "in the run's samples/ folder (git ignores them).")
 up = st.file_uploader("Image", type=list(UPLOAD_TYPES), key="s_upload")
 if up is not None:
     with user_errors():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -54,7 +56,9 @@ def validate_upload(data: bytes, filename: str, channels: int, resolution: int) 
     """An uploaded image as a query ``[1, C, H, W]`` in [-1, 1] at the run's resolution.
 
     Rejects (UserError, one actionable line): other file types, files over 5 MB, images larger
-    than 2048 px, non-square images, and a channel count that differs from the model's.
+    than 2048 px (also a compressed "decompression bomb", e.g. a 20000x20000 PNG of a few kB,
+    which PIL refuses before it reports a size), non-square images, and a channel count that
+    differs from the model's.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -63,16 +67,25 @@ def validate_upload(data: bytes, filename: str, channels: int, resolution: int) 
         raise UserError(f"{filename!r} is not an image file; upload one of: {', '.join(UPLOAD_TYPES)}")
     if len(data) > MAX_UPLOAD_BYTES:
         raise UserError(f"{filename!r} is {len(data) / 2**20:.1f} MB; upload an image under 5 MB")
+    too_big = f"upload an image at most {MAX_UPLOAD_SIDE} px on a side"
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if max(w, h) > MAX_UPLOAD_SIDE:  # before decoding a single pixel
+                raise UserError(f"{filename!r} is {w}x{h} px; {too_big}")
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
+        raise UserError(f"{filename!r} is far too large ({size}); {too_big}") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise UserError(f"{filename!r} could not be read as an image; upload a valid PNG or JPEG") from None
-    w, h = img.size
-    if max(w, h) > MAX_UPLOAD_SIDE:
-        raise UserError(f"{filename!r} is {w}x{h} px; upload an image at most {MAX_UPLOAD_SIDE} px on a side")
     if w != h:
         raise UserError(f"{filename!r} is {w}x{h} px; the model takes square images, crop it to a square")
+    if img.mode == "1":  # black-and-white: a greyscale image
+        img = img.convert("L")
     have = _MODE_CHANNELS.get(img.mode)
     if have is None:
         hint = " (remove the alpha channel)" if "A" in img.mode else ""
@@ -206,3 +219,78 @@ def images_uint8(images: Tensor) -> np.ndarray:
 
 def sequence_str(values: Sequence[int]) -> str:
     return ",".join(str(int(v)) for v in values)
+
+
+# ----------------------------------------------------------------------------- LDS page
+
+
+def readable_method(name: str) -> str:
+    """A short label for a method name as the benchmarks store it.
+
+    ``"K-FAC mc expand (1e-8)"`` -> ``"K-FAC (damping 1e-8)"``, ``"EK-FAC empirical reduce (1e-4)"`` ->
+    ``"EK-FAC, empirical Fisher, reduce (damping 1e-4)"``, ``"D-TRAK (best, rel 1)"`` -> ``"D-TRAK (best damping)"``;
+    other names are returned as they are.
+    """
+    m = re.fullmatch(r"(K-FAC|EK-FAC) (mc|empirical) (expand|reduce)(?: \(([^)]+)\))?", name.strip())
+    if m:
+        parts = [m.group(1)] + (["empirical Fisher"] if m.group(2) == "empirical" else []) \
+            + (["reduce"] if m.group(3) == "reduce" else [])
+        return ", ".join(parts) + (f" (damping {m.group(4)})" if m.group(4) else "")
+    m = re.fullmatch(r"(.+?) \(best, rel [^)]+\)", name.strip())
+    if m:
+        return f"{m.group(1)} (best damping)"
+    return {"random": "random (control)"}.get(name, name)
+
+
+def method_note(name: str) -> Optional[str]:
+    """What a short label leaves out, for a caption: ``"D-TRAK (best damping): …"``."""
+    m = re.fullmatch(r"(.+?) \(best, rel ([^)]+)\)", name.strip())
+    if m:
+        return (f"{readable_method(name)}: the damping with the best LDS in the benchmark's sweep, "
+                f"λ = {m.group(2)} × the mean eigenvalue of its projected Gram matrix")
+    return None
+
+
+def lds_command(run_path, meta: dict, run_train: Optional[dict] = None) -> str:
+    """The ``attribution lds`` command that built a stored ground truth (its metadata ``meta``).
+
+    Options at their CLI default are left out; ``run_train``: the run's training recipe, to tell
+    whether the warm-up differs from the run's own.
+    """
+    parts = [f"attribution lds --run {run_path}", f"--subsets {meta.get('num_subsets', 32)}",
+             f"--seeds {meta.get('num_seeds', 2)}"]
+    if float(meta.get("alpha", 0.5)) != 0.5:
+        parts.append(f"--alpha {meta['alpha']:g}")
+    if int(meta.get("subset_seed", 0)) != 0:
+        parts.append(f"--subset-seed {meta['subset_seed']}")
+    if meta.get("steps_rule") == "explicit" and meta.get("steps") is not None:
+        parts.append(f"--steps {meta['steps']}")
+    run_warmup = (run_train or {}).get("warmup_steps")
+    if meta.get("warmup_steps") is not None and meta.get("warmup_steps") != run_warmup:
+        parts.append(f"--warmup-steps {meta['warmup_steps']}")
+    if meta.get("query_set", "queries") != "queries":
+        parts.append(f"--query-set {meta['query_set']}")
+    parts.append(f"--draws {meta.get('num_draws', 1000)}")
+    if int(meta.get("measure_seed", 0)) != 0:
+        parts.append(f"--measure-seed {meta['measure_seed']}")
+    if meta.get("measurement"):
+        parts.append(f"--measurements {meta['measurement']}")
+    if not meta.get("paired_seeds", False):
+        parts.append("--independent-seeds")
+    return " ".join(parts)
+
+
+def heat_range(matrix, diagonal: bool = False) -> tuple[float, float]:
+    """Colour range ``(lo, hi)`` spanning a square matrix's off-diagonal values (``diagonal``: all),
+    so that a correlation matrix whose entries all lie in 0.99…1 still shows its variation."""
+    a = np.asarray(matrix, dtype=np.float64)
+    vals = a[~np.eye(a.shape[0], dtype=bool)] if (a.ndim == 2 and a.shape[0] == a.shape[1] and not diagonal
+                                                   and a.shape[0] > 1) else a.ravel()
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(vals.min()), float(vals.max())
+    if hi - lo < 1e-12:
+        pad = max(abs(hi) * 1e-3, 1e-6)
+        lo, hi = lo - pad, hi + pad
+    return lo, hi

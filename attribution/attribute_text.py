@@ -13,7 +13,8 @@ METHOD_LABELS = {"kfac": "K-FAC", "ekfac": "EK-FAC"}
 FISHER_LABELS = {"mc": "MC Fisher", "empirical": "empirical Fisher"}
 VARIANTS = [(m, f, k) for m in ("kfac", "ekfac") for f in ("mc", "empirical") for k in ("expand", "reduce")]
 
-CAPTION_KEY = "Captions: rank · training id · label · τ (influence score)"
+CAPTION_KEY = ("Captions: rank · training id · label · τ (influence score) · ✓ when the image stays in the top-k "
+               "within its 90% rank interval (a robust proponent / opponent, not a lucky draw)")
 BASELINE_CAPTION_KEY = "Captions: rank · training id · label · similarity (or TRAK score)"
 
 # What each measurement is, as the quantity tau explains; all are oriented like a loss (lower =

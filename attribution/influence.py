@@ -401,11 +401,13 @@ def influence_scores(run, query_set: str, query_indices: Sequence[int], settings
     return influence_result(run, query_set, query_indices, settings, progress, rounds).scores.clone()
 
 
-def influence_status(run, query_set: str, query_indices: Sequence[int], settings: InfluenceSettings) -> dict:
+def influence_status(run, query_set: str, query_indices: Sequence[int], settings: InfluenceSettings,
+                     rounds: Optional[int] = None) -> dict:
     """Which artifacts :func:`influence_scores` would reuse: ``{"store", "factors",
     "query_gradients": bool}`` (all True = scoring takes about a second; otherwise run it as a
     background job with a progress callback), plus ``"store_rounds_done"`` / ``"store_rounds_total"``
     and ``"preview"`` (a store with at least PREVIEW_ROUNDS rounds can already be scored).
+    ``rounds``: "store" is True once that many rounds are complete (default: all of them).
     Builds nothing."""
     from attribution.runs import load_tensors
 
@@ -421,7 +423,8 @@ def influence_status(run, query_set: str, query_indices: Sequence[int], settings
         have = set(load_tensors(qd / "grads.safetensors")[0]["indices"].tolist()) \
             if (qd / "grads.safetensors").exists() else set()
         q_ok = q_ok and set(int(i) for i in query_indices) <= have
-    return {"store": done >= settings.rounds, "factors": factors_ok, "query_gradients": q_ok,
+    want = settings.rounds if rounds is None else min(int(rounds), settings.rounds)
+    return {"store": done >= want, "factors": factors_ok, "query_gradients": q_ok,
             "store_rounds_done": done, "store_rounds_total": settings.rounds,
             "preview": done >= min(PREVIEW_ROUNDS, settings.rounds)}
 

@@ -145,8 +145,8 @@ def artifact_keys(query_set: str, settings, hflip: bool = False) -> dict[str, st
     seed = settings.seed
     flip = ", flipped" if hflip else ""
     return {
-        "store": f"training-gradient store ({settings.train_draws} draws, {settings.draw_scheme}, seed {seed}, "
-                 f"{settings.store_dtype}{flip})",
+        "store": f"training-gradient store ({settings.train_draws} draws from {settings.preview_draws}, "
+                 f"{settings.draw_scheme}, seed {seed}, {settings.store_dtype}{flip})",
         "factors": f"{settings.method} factors ({settings.fisher}, {settings.kfac_type}, "
                    f"{settings.factor_draws} draws, seed {seed}{flip})",
         "reference_factors": f"kfac factors (mc, expand, {settings.factor_draws} draws, seed {seed}{flip})",
@@ -156,20 +156,19 @@ def artifact_keys(query_set: str, settings, hflip: bool = False) -> dict[str, st
 
 
 def _run_influence(run_dir: Path, args: dict, progress):
-    from attribution import influence
+    """Scores with the store grown to ``args["rounds"]`` rounds (None: all of them); the result
+    carries the stability figures and, per query row, the scores' standard errors."""
+    from attribution.influence import influence_result
     from attribution.runs import open_run
 
     run = open_run(run_dir)
     warm_engine(run)
-    qset, idx, settings = args["query_set"], list(args["query_indices"]), _settings(args)
-    rounds = args.get("rounds")  # None: the whole store; fewer: a preview at that many rounds
-    res = influence.influence_result(run, qset, idx, settings, progress=progress, rounds=rounds)
-    out = {"shape": list(res.scores.shape), "stability": [res.summary(q) for q in range(len(idx))]}
-    tensors = {"scores": res.scores}
-    for name in ("scores_a", "scores_b", "se"):
-        if getattr(res, name, None) is not None:
-            tensors[name] = getattr(res, name)
-    return out, tensors
+    res = influence_result(run, args["query_set"], list(args["query_indices"]), _settings(args), progress=progress,
+                           rounds=args.get("rounds"), k=int(args.get("k", 16)))
+    out = {"shape": list(res.scores.shape),
+           "stability": [res.summary(i) for i in range(res.scores.shape[0])],
+           "se": None if res.se is None else [[round(float(x), 9) for x in row] for row in res.se]}
+    return out, res.scores
 
 
 def _reference_missing(run, settings) -> bool:
@@ -191,7 +190,7 @@ def _needs_influence(run_dir: Path, args: dict) -> list[str]:
     run = open_run(run_dir)
     warm_engine(run)
     settings = _settings(args)
-    have = influence_status(run, args["query_set"], list(args["query_indices"]), settings)
+    have = influence_status(run, args["query_set"], list(args["query_indices"]), settings, rounds=args.get("rounds"))
     keys = artifact_keys(args["query_set"], settings, run_hflip(run))
     want_rounds = min(int(args.get("rounds") or settings.rounds), settings.rounds)
     store_ready = have.get("store") is True or int(have.get("store_rounds_done") or 0) >= want_rounds
@@ -361,12 +360,26 @@ def _plan_warmup(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
     return [{"name": "warm-up", "kind": "warmup", "units": None}]
 
 
+def _run_regenerate(run_dir: Path, args: dict, progress) -> dict:
+    """Counterfactual regeneration (attribution/regen_job.py): retrain without top-k, regenerate."""
+    from attribution.regen_job import run_job
+
+    return run_job(run_dir, args, progress)
+
+
+def _plan_regenerate(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
+    return [{"name": "counterfactual regeneration", "kind": "regenerate", "units": None}]
+
+
 KINDS: dict[str, JobKind] = {
     "train": JobKind(_run_train, _needs_train, _plan_train),
     "sample": JobKind(_run_sample, _needs_sample, _plan_sample),
     "influence": JobKind(_run_influence, _needs_influence, _plan_influence),
     "baseline": JobKind(_run_baseline, _needs_baseline, _plan_baseline),
     "warmup": JobKind(_run_warmup, lambda run_dir, args: [], _plan_warmup),
+    # retrains models: a build (it takes a slot), keyed by its own args
+    "regenerate": JobKind(_run_regenerate, lambda run_dir, args: [f"counterfactual regeneration {config_hash(args, 8)}"],
+                          _plan_regenerate),
 }
 
 

@@ -63,7 +63,7 @@ NICE = {"user": 5, "background": 10}  # CPU priority of a building worker thread
 # Kinds whose builds share one model per process (the influence engine caches the run's U-Net and
 # hooks its modules while computing gradients): two such builds never run in one process at once.
 # A second one starts in a worker process of its own instead, so it runs beside the first.
-SHARED_MODEL_KINDS = {"influence"}
+SHARED_MODEL_KINDS = {"influence", "regenerate"}  # regeneration scores its top-k with the engine
 _THREADS: dict[str, threading.Thread] = {}  # job id -> worker thread of this process
 _LOCK = threading.RLock()  # guards admission and start in this process (with a file lock across processes)
 _CHANGED = threading.Condition()  # notified whenever a job of this process ends or is admitted

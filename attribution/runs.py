@@ -31,7 +31,8 @@ from torch import Tensor
 from attribution.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_RUN = REPO_ROOT / "demo" / "run"
+DEMO_RUN = REPO_ROOT / "demo" / "run"  # the default run of the app's picker (MNIST digits)
+# Every run folder beside it is shipped too, e.g. demo/cifar2 (CIFAR-2 at 16x16, its images inside the run).
 
 
 def default_runs_root() -> Path:
@@ -248,9 +249,17 @@ def open_run(path: str | Path) -> Run:
     return Run(p)
 
 
+def shipped_runs() -> list[Path]:
+    """The shipped runs: ``DEMO_RUN`` first, then the other run folders beside it (``demo/*``)."""
+    first = [DEMO_RUN] if (DEMO_RUN / "config.json").exists() else []
+    others = sorted(p for p in DEMO_RUN.parent.glob("*") if p != DEMO_RUN and (p / "config.json").exists()) \
+        if DEMO_RUN.parent.is_dir() else []
+    return first + others
+
+
 def list_runs(root: Optional[Path] = None) -> list[Path]:
-    """Run directories under ``root`` (default runs root), the shipped demo run first."""
-    found = [DEMO_RUN] if (DEMO_RUN / "config.json").exists() else []
+    """Run directories under ``root`` (default runs root), the shipped demo runs first."""
+    found = shipped_runs()
     root = Path(root) if root is not None else default_runs_root()
     if root.is_dir():
         found += sorted(p for p in root.iterdir() if (p / "config.json").exists())

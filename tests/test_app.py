@@ -266,11 +266,13 @@ def test_attribute_captions_have_a_key_and_short_tokens(app, app_run):
     at.toggle(key="a_b").set_value(False).run()
     _wait_all(app_run.path, timeout=300)
     at.run()
-    assert "Captions: rank · training id · label · τ (influence score)" in _texts(at.caption)
+    from attribution.attribute_text import CAPTION_KEY
+
+    assert CAPTION_KEY in _texts(at.caption) and CAPTION_KEY.startswith("Captions: rank · training id · label · τ")
     captions = _gallery_captions(at)
     assert len(captions) >= 8
     for c in captions:  # "#1 · 12 · 7 · τ+3.1e-6": tokens break only at " · ", none longer than 10 chars
-        assert re.fullmatch(r"#\d+ · \S+ · \S+ · τ[+-]?[0-9.]+(e-?\d+)?", c), c
+        assert re.fullmatch(r"#\d+ · \S+ · \S+ · τ[+-]?[0-9.]+(e-?\d+)?( · ✓)?", c), c
         assert max(len(t) for t in c.split(" · ")) <= 10, c
     # the details panel opens on the top proponent; the "details" buttons sit in rows of their own
     first = next(c for c in captions if c.startswith("#1 "))
