@@ -103,7 +103,10 @@ def start_warmup(run, settings: dict, query_set: str, query: int, model: str, ba
     started = st.session_state.setdefault("_warmups", {})
     if key in started:
         return
-    steps = warmup_steps(settings, query_set, query, model, list(baselines))
+    from attribution.influence import InfluenceSettings
+
+    steps = warmup_steps(settings, query_set, query, model, list(baselines),
+                         rounds=scored_rounds(run, InfluenceSettings(**settings)))
     started[key] = jobs.start("warmup", run.path, {"steps": steps}, owner=session_id(),
                               label=f"warm-up for query {query_set}[{query}]: the other Hessian variants and the baselines",
                               priority="background")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from attribution.errors import UserError
 from attribution.runs import config_hash
@@ -383,10 +383,12 @@ KINDS: dict[str, JobKind] = {
 }
 
 
-def warmup_steps(settings: dict, query_set: str, query: int, model: str, baselines: list[str]) -> list[dict]:
+def warmup_steps(settings: dict, query_set: str, query: int, model: str, baselines: list[str],
+                 rounds: Optional[int] = None) -> list[dict]:
     """The warm-up after a first gallery: the other seven Hessian variants (nearest first: the other
     weight sharing, the other Fisher, both; then the other method's four) and the baselines,
-    with exactly the args the Attribute page asks for, so a later switch finds them done."""
+    with the args the Attribute page asks for (``rounds``: the store rounds its gallery is scored
+    with, so the warm-up builds factors only and never waits for the store's refinement)."""
     from attribution.attribute_text import VARIANTS, settings_label
 
     here = (settings["method"], settings["fisher"], settings["kfac_type"])
@@ -396,8 +398,8 @@ def warmup_steps(settings: dict, query_set: str, query: int, model: str, baselin
     steps = []
     for method, fisher, kfac_type in order:
         s = {**settings, "method": method, "fisher": fisher, "kfac_type": kfac_type}
-        steps.append({"kind": "influence", "args": {"settings": s, **common},
-                      "label": settings_label(s, query_set, int(query))})
+        args = {"settings": s, **common, **({} if rounds is None else {"rounds": int(rounds)})}
+        steps.append({"kind": "influence", "args": args, "label": settings_label(s, query_set, int(query))})
     for name in baselines:
         steps.append({"kind": "baseline", "args": {"method": name, **common},
                       "label": f"{name.upper() if 'trak' in name else name} baseline · query {query_set}[{query}]"})

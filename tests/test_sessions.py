@@ -462,7 +462,9 @@ def test_warmup_prepares_the_other_variants_after_the_first_gallery(session_app,
     assert len(warm) == 1 and warm[0]["owner"] == at.session_state["_session_id"]
     state = jobs.wait(session_app.run.path, warm[0]["id"], timeout=600)
     assert state["status"] == "done", state
-    subs = [s for s in jobs.list_jobs(session_app.run.path) if s["kind"] == "influence" and s.get("priority") == "background"]
+    step_ids = {jobs.job_id(x["kind"], x["args"]) for x in warm[0]["args"]["steps"] if x["kind"] == "influence"}
+    subs = [s for s in jobs.list_jobs(session_app.run.path) if s["id"] in step_ids]
+    assert all(s.get("priority") == "background" and s["status"] == "done" for s in subs)
     assert len(subs) == 7  # the other seven Hessian variants
     for s in subs:  # each labelled with the variant it builds
         st_ = s["args"]["settings"]
