@@ -38,7 +38,9 @@ def influence_result(run, args: dict, label: str, ds):
     to Streamlit (a newer widget value stops this run there), and this session's queued requests
     for settings it has moved away from are cancelled."""
     from attribution.influence import InfluenceSettings, influence_status
+    from attribution.job_kinds import warm_engine
 
+    warm_engine(run)
     settings_obj = InfluenceSettings(**args["settings"])
     args = {**args, "rounds": scored_rounds(run, settings_obj)}
     jid = jobs.job_id("influence", args)
@@ -101,7 +103,10 @@ def start_warmup(run, settings: dict, query_set: str, query: int, model: str, ba
     started = st.session_state.setdefault("_warmups", {})
     if key in started:
         return
-    steps = warmup_steps(settings, query_set, query, model, list(baselines))
+    from attribution.influence import InfluenceSettings
+
+    steps = warmup_steps(settings, query_set, query, model, list(baselines),
+                         rounds=scored_rounds(run, InfluenceSettings(**settings)))
     started[key] = jobs.start("warmup", run.path, {"steps": steps}, owner=session_id(),
                               label=f"warm-up for query {query_set}[{query}]: the other Hessian variants and the baselines",
                               priority="background")

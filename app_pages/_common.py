@@ -28,8 +28,7 @@ def run_picker() -> None:
         st.markdown("### Run")
         if not runs:
             st.session_state.pop("run_path", None)
-            st.error("No run found. Train one with `attribution train --out runs/my-run`, "
-                     "or on the Model & data page.")
+            st.error("No run found: train one on the Model & data page (or with `attribution train` in a terminal).")
             return
         path = st.selectbox("Run directory", runs, key=RUN_KEY, bind="query-params",
                             format_func=lambda p: Path(p).name if Path(p).name != "run" else f"{Path(p).parent.name}/run",
@@ -47,7 +46,8 @@ def current_run() -> Run:
     """The picked run; stops the page with an st.error when there is none or it is unusable."""
     path = st.session_state.get("run_path")
     if not path:
-        st.error("No run selected. Train one first: `attribution train --out runs/my-run`.")
+        st.error("No run selected: pick one in the sidebar, or train one on the Model & data page "
+                 "(or with `attribution train` in a terminal).")
         st.stop()
     try:
         return open_run(path)
@@ -57,10 +57,16 @@ def current_run() -> Run:
 
 
 def require_model(run: Run) -> None:
+    """Stops the page with a warning when the run has no model yet; else readies the influence
+    engine for it (once per process, behind a lock: sessions are threads)."""
     if not run.has_model():
         st.warning(f"Run `{run.path}` has no trained model yet (training may still be running). "
                    "Pick another run or wait for training to finish.")
         st.stop()
+    from attribution.job_kinds import warm_engine
+
+    with user_errors():
+        warm_engine(run)
 
 
 def device_name() -> str:

@@ -39,6 +39,7 @@ PRIOR_S_PER_UNIT = {
     "factors_pass2:mc/reduce": 0.0116,
     "factors_pass2:empirical/expand": 0.0128,
     "factors_pass2:empirical/reduce": 0.0131,
+    "proposal": 0.008,  # the importance scheme's pilot: small batches of one draw
     "baseline_train:trak": 0.0078,  # 12.8 examples/s at 10 draws
     "baseline_train:dtrak": 0.0062,  # 16.2 examples/s at 10 draws
     "baseline_query": 0.0078,
@@ -61,8 +62,10 @@ def classify(stage_name: str) -> str:
         return "clip"
     if "query" in s:  # the engine's "query gradients (loss)"; the baselines' bare "query gradients"
         return "query_gradients" if "(" in s else "baseline_query"
-    if "store" in s or "streaming training" in s:
+    if "store" in s or "streaming training" in s or s.startswith("training gradients"):
         return "store"
+    if "proposal" in s or "pilot" in s:
+        return "proposal"
     if "train gradients" in s or "train features" in s:
         return "baseline_train"
     if s.startswith("score"):
@@ -193,6 +196,20 @@ def estimate(plan: list[dict], current: Optional[int], fraction: float, elapsed:
             "stages_s": stages}
 
 
+def work_fraction(entry: dict, done: float, total: float) -> float:
+    """The share of a stage's work that is done. Progress counts rows; a stage with ``segments``
+    (the store's rounds: equal rows, ``segments[r]`` draws each) weighs each round by its draws."""
+    if not total:
+        return 0.0
+    f = min(1.0, max(0.0, float(done) / float(total)))
+    seg = entry.get("segments") or []
+    if len(seg) < 2 or sum(seg) <= 0:
+        return f
+    pos = f * len(seg)
+    r = min(int(pos), len(seg) - 1)
+    return min(1.0, (sum(seg[:r]) + seg[r] * (pos - r)) / sum(seg))
+
+
 class PlanTracker:
     """Follows a job's progress reports through its plan.
 
@@ -214,10 +231,14 @@ class PlanTracker:
         self.speed: Optional[float] = None  # from this job's finished stages
 
     def _next(self, kind: str) -> int:
-        """The first unfinished plan entry of ``kind`` (appended when the plan has none)."""
-        for i, e in enumerate(self.plan):
-            if e["kind"] == kind and e.get("seconds") is None and i != self.current:
+        """The unfinished plan entry of ``kind`` named like the report (else the first of that kind;
+        appended when the plan has none)."""
+        free = [i for i, e in enumerate(self.plan) if e["kind"] == kind and e.get("seconds") is None and i != self.current]
+        for i in free:
+            if str(self.plan[i].get("name", "")).lower() == self.last_name.lower():
                 return i
+        if free:
+            return free[0]
         self.plan.append({"name": self.last_name, "kind": kind, "units": None})
         return len(self.plan) - 1
 
@@ -240,6 +261,7 @@ class PlanTracker:
         if switch is not None:
             self._finish(now)
             self.current = self._next(switch)
+            fraction = work_fraction(self.plan[self.current], done, total)
             self.started, self.start_fraction = now, fraction
             entry = self.plan[self.current]
             entry["started"] = now
@@ -248,6 +270,7 @@ class PlanTracker:
         self.last_done = done
         entry = self.plan[self.current]
         entry["reported_name"] = name
+        fraction = work_fraction(entry, done, total)
         live_fraction = (fraction - self.start_fraction) / (1.0 - self.start_fraction) if self.start_fraction < 1 else 1.0
         out = estimate(self.plan, self.current, live_fraction, now - self.started, self.rates, self._speed())
         if 0.1 <= fraction < 1.0 and entry.get("est_10_s") is None and entry.get("seconds") is None:

@@ -2,7 +2,7 @@
 
 Every kind has three functions:
 - ``run(run_dir, args, progress)``: the work (returns a JSON-able result, or ``(result, scores)``
-  for score jobs; scores ``[Q, N]``);
+  for score jobs: scores ``[Q, N]``, or a dict of tensors with at least ``"scores"``);
 - ``needs(run_dir, args)``: the artifacts the job would build now, as keys shared by every job
   that builds the same thing (``[]`` = everything is cached: the job only re-scores, takes a
   second and never waits for a build slot);
@@ -15,9 +15,10 @@ artifact it needs (never a second build of it), and runs beside builds of other 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from attribution.errors import UserError
 from attribution.runs import config_hash
@@ -106,24 +107,51 @@ def _plan_sample(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
 # ----------------------------------------------------------------------------- influence
 
 
+_ENGINE_LOCK = threading.Lock()
+_ENGINE_WARM: set = set()
+
+
+def warm_engine(run) -> None:
+    """Fill the influence engine's in-process cache for ``run`` (its model and schedule) once,
+    behind a lock, before threads use it: its first fill is not atomic (a second thread could
+    find the model cached but not yet the schedule). Every page and job of this package calls
+    this before the engine."""
+    from attribution.influence import store_rounds_done
+    from attribution.influence_settings import InfluenceSettings
+
+    model = Path(run.model_dir)
+    key = (str(model.resolve()), tuple(sorted((f.name, f.stat().st_mtime_ns) for f in model.glob("*.safetensors"))))
+    if key in _ENGINE_WARM:
+        return
+    with _ENGINE_LOCK:
+        if key not in _ENGINE_WARM:
+            store_rounds_done(run, InfluenceSettings())
+            _ENGINE_WARM.add(key)
+
+
 def _settings(args: dict):
     from attribution.influence import InfluenceSettings
 
     return InfluenceSettings(**args["settings"])
 
 
-def artifact_keys(query_set: str, settings) -> dict[str, str]:
-    """The shared key of each artifact an influence job may build, by ``influence_status`` name.
+def artifact_keys(query_set: str, settings, hflip: bool = False) -> dict[str, str]:
+    """The shared key of each artifact an influence job may build, by ``influence_status`` name
+    (plus "reference_factors": the K-FAC factors the importance scheme's timestep pilot uses).
 
     The query-gradient key leaves out the query indices: all queries of a sample set share one
     cache file per measurement and draws, so two of its builds must not run at once."""
     m = settings.gradient_measurement
+    seed = settings.seed
+    flip = ", flipped" if hflip else ""
     return {
         "store": f"training-gradient store ({settings.train_draws} draws from {settings.preview_draws}, "
-                 f"{settings.draw_scheme}, seed {settings.seed}, {settings.store_dtype})",
+                 f"{settings.draw_scheme}, seed {seed}, {settings.store_dtype}{flip})",
         "factors": f"{settings.method} factors ({settings.fisher}, {settings.kfac_type}, "
-                   f"{settings.factor_draws} draws, seed {settings.seed})",
-        "query_gradients": f"query gradients ({query_set}, {m}, {settings.query_draws} draws, seed {settings.seed})",
+                   f"{settings.factor_draws} draws, seed {seed}{flip})",
+        "reference_factors": f"kfac factors (mc, expand, {settings.factor_draws} draws, seed {seed}{flip})",
+        "query_gradients": f"query gradients ({query_set}, {m}, {settings.query_draws} draws, "
+                           f"{settings.draw_scheme}, seed {seed})",
     }
 
 
@@ -134,6 +162,7 @@ def _run_influence(run_dir: Path, args: dict, progress):
     from attribution.runs import open_run
 
     run = open_run(run_dir)
+    warm_engine(run)
     res = influence_result(run, args["query_set"], list(args["query_indices"]), _settings(args), progress=progress,
                            rounds=args.get("rounds"), k=int(args.get("k", 16)))
     out = {"shape": list(res.scores.shape),
@@ -142,18 +171,34 @@ def _run_influence(run_dir: Path, args: dict, progress):
     return out, res.scores
 
 
+def _reference_missing(run, settings) -> bool:
+    """The importance scheme's store starts with a pilot that needs K-FAC (MC, expand) factors."""
+    from attribution.curvature import CurvatureConfig
+    from attribution.influence import run_hflip
+
+    if settings.draw_scheme != "importance" or (settings.method, settings.fisher, settings.kfac_type) == \
+            ("kfac", "mc", "expand"):
+        return False
+    ref = CurvatureConfig("kfac", "mc", "expand", settings.factor_draws, settings.seed, hflip=run_hflip(run))
+    return not (run.artifact_dir("curvature", ref.key()) / "factors.safetensors").exists()
+
+
 def _needs_influence(run_dir: Path, args: dict) -> list[str]:
-    from attribution.influence import influence_status
+    from attribution.influence import influence_status, run_hflip
     from attribution.runs import open_run
 
+    run = open_run(run_dir)
+    warm_engine(run)
     settings = _settings(args)
-    have = influence_status(open_run(run_dir), args["query_set"], list(args["query_indices"]), settings,
-                            rounds=args.get("rounds"))
-    keys = artifact_keys(args["query_set"], settings)
-    out = []
-    for name, value in have.items():  # tolerant of new entries (non-bool ones are information)
-        if value is False:
-            out.append(keys.get(name, f"{name} ({config_hash([args['query_set'], settings.to_dict()], 8)})"))
+    have = influence_status(run, args["query_set"], list(args["query_indices"]), settings, rounds=args.get("rounds"))
+    keys = artifact_keys(args["query_set"], settings, run_hflip(run))
+    want_rounds = min(int(args.get("rounds") or settings.rounds), settings.rounds)
+    store_ready = have.get("store") is True or int(have.get("store_rounds_done") or 0) >= want_rounds
+    out = [keys[name] for name in ("query_gradients", "factors") if have.get(name) is False]
+    if not store_ready:  # (other entries of the status are information, not artifacts)
+        out.append(keys["store"])
+        if int(have.get("store_rounds_done") or 0) == 0 and _reference_missing(run, settings):
+            out.append(keys["reference_factors"])
     return out
 
 
@@ -171,37 +216,54 @@ def _model_size(run) -> dict:
     return {"params": num_parameters(kfac_parameters(unet)), "pixels": int(unet.config.sample_size) ** 2}
 
 
+def _factor_stages(method: str, fisher: str, kfac_type: str, units: int, size: dict) -> list[dict]:
+    variant = f"{fisher}/{kfac_type}"
+    what = f"({'MC' if fisher == 'mc' else 'empirical'} Fisher, {kfac_type})"
+    if method == "ekfac":
+        return [{"name": f"EK-FAC factors {what}, pass 1 of 2: Kronecker factors", "kind": "factors",
+                 "variant": variant, "units": units, **size},
+                {"name": f"EK-FAC factors {what}, pass 2 of 2: eigenvalue correction", "kind": "factors_pass2",
+                 "variant": variant, "units": units, **size}]
+    return [{"name": f"K-FAC factors {what}", "kind": "factors", "variant": variant, "units": units, **size}]
+
+
 def _plan_influence(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
+    from attribution.influence import influence_status, run_hflip
     from attribution.runs import open_run
 
     settings = _settings(args)
     run = open_run(run_dir)
-    keys = artifact_keys(args["query_set"], settings)
-    n, p, q = _training_size(run), _model_size(run), len(args["query_indices"])
-    variant = f"{settings.fisher}/{settings.kfac_type}"
-    name = "EK-FAC" if settings.method == "ekfac" else "K-FAC"
+    keys = artifact_keys(args["query_set"], settings, run_hflip(run))
+    n, size, q = _training_size(run), _model_size(run), len(args["query_indices"])
     plan = []
-    if keys["query_gradients"] in needs:
-        plan.append({"name": f"query gradients of the {settings.gradient_measurement} ({q} x {settings.query_draws} draws)",
-                     "kind": "query_gradients", "units": q * settings.query_draws, **p})
-    if keys["factors"] in needs:
-        if settings.method == "ekfac":
-            plan.append({"name": "EK-FAC factors, pass 1 of 2: Kronecker factors", "kind": "factors",
-                         "variant": variant, "units": n * settings.factor_draws, **p})
-            plan.append({"name": "EK-FAC factors, pass 2 of 2: eigenvalue correction", "kind": "factors_pass2",
-                         "variant": variant, "units": n * settings.factor_draws, **p})
-        else:
-            plan.append({"name": f"{name} factors", "kind": "factors", "variant": variant,
-                         "units": n * settings.factor_draws, **p})
+    if keys["query_gradients"] in needs:  # two independent halves (the engine's split-half reliability)
+        for h in (1, 2):
+            plan.append({"name": f"query gradients of the {settings.gradient_measurement}, half {h} of 2 "
+                                 f"({q} x {settings.query_draws // 2} draws)",
+                         "kind": "query_gradients", "units": q * (settings.query_draws // 2), **size})
+    if keys["factors"] in needs:  # (in the order the engine runs them)
+        plan += _factor_stages(settings.method, settings.fisher, settings.kfac_type, n * settings.factor_draws, size)
+    if keys["reference_factors"] in needs and keys["reference_factors"] != keys["factors"]:
+        plan += _factor_stages("kfac", "mc", "expand", n * settings.factor_draws, size)
     if keys["store"] in needs:
-        from attribution.influence import store_rounds_done
-
-        rounds = settings.rounds if args.get("rounds") is None else min(int(args["rounds"]), settings.rounds)
-        done = store_rounds_done(run, settings)
-        draws = sum(settings.round_draws[done:rounds])
-        plan.append({"name": f"training-gradient store ({n:,} images x {draws} draws, rounds {done + 1}-{rounds} "
-                             f"of {settings.rounds})", "kind": "store", "units": n * draws, **p})
+        done = int(influence_status(run, args["query_set"], list(args["query_indices"]), settings)
+                   .get("store_rounds_done") or 0)
+        want = min(int(args.get("rounds") or settings.rounds), settings.rounds)
+        draws = settings.round_draws[done:want]
+        if done == 0 and settings.draw_scheme == "importance":
+            plan.append({"name": "timestep proposal (a pilot on 32 training images)", "kind": "proposal",
+                         "units": _pilot_units(), **size})
+        plan.append({"name": f"training-image gradients ({n:,} images x {sum(draws)} draws, "
+                             f"{len(draws)} rounds)", "kind": "store", "units": n * sum(draws),
+                     "segments": draws, **size})
     return plan
+
+
+def _pilot_units() -> int:
+    from attribution.measurements import PROPOSAL_EDGES
+    from attribution.proposal import PILOT_DIRECTIONS, PILOT_DRAWS_PER_BIN, PILOT_EXAMPLES
+
+    return PILOT_DIRECTIONS * 32 + (len(PROPOSAL_EDGES) - 1) * PILOT_DRAWS_PER_BIN * PILOT_EXAMPLES
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -345,15 +407,19 @@ KINDS: dict[str, JobKind] = {
     "influence": JobKind(_run_influence, _needs_influence, _plan_influence),
     "baseline": JobKind(_run_baseline, _needs_baseline, _plan_baseline),
     "warmup": JobKind(_run_warmup, lambda run_dir, args: [], _plan_warmup),
-    "regenerate": JobKind(_run_regenerate, lambda run_dir, args: [], _plan_regenerate),
+    # retrains models: a build (it takes a slot), keyed by its own args
+    "regenerate": JobKind(_run_regenerate, lambda run_dir, args: [f"counterfactual regeneration {config_hash(args, 8)}"],
+                          _plan_regenerate),
     "lds": JobKind(_run_lds, _needs_lds, _plan_lds),
 }
 
 
-def warmup_steps(settings: dict, query_set: str, query: int, model: str, baselines: list[str]) -> list[dict]:
+def warmup_steps(settings: dict, query_set: str, query: int, model: str, baselines: list[str],
+                 rounds: Optional[int] = None) -> list[dict]:
     """The warm-up after a first gallery: the other seven Hessian variants (nearest first: the other
     weight sharing, the other Fisher, both; then the other method's four) and the baselines,
-    with exactly the args the Attribute page asks for, so a later switch finds them done."""
+    with the args the Attribute page asks for (``rounds``: the store rounds its gallery is scored
+    with, so the warm-up builds factors only and never waits for the store's refinement)."""
     from attribution.attribute_text import VARIANTS, settings_label
 
     here = (settings["method"], settings["fisher"], settings["kfac_type"])
@@ -363,8 +429,8 @@ def warmup_steps(settings: dict, query_set: str, query: int, model: str, baselin
     steps = []
     for method, fisher, kfac_type in order:
         s = {**settings, "method": method, "fisher": fisher, "kfac_type": kfac_type}
-        steps.append({"kind": "influence", "args": {"settings": s, **common},
-                      "label": settings_label(s, query_set, int(query))})
+        args = {"settings": s, **common, **({} if rounds is None else {"rounds": int(rounds)})}
+        steps.append({"kind": "influence", "args": args, "label": settings_label(s, query_set, int(query))})
     for name in baselines:
         steps.append({"kind": "baseline", "args": {"method": name, **common},
                       "label": f"{name.upper() if 'trak' in name else name} baseline · query {query_set}[{query}]"})

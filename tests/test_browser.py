@@ -31,7 +31,10 @@ SHOTS = ROOT / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(3600)]
+# On a machine shared with other jobs the builds take many times their idle duration: both limits
+# can be raised (the results files say how far a run got).
+WAIT_S = float(os.environ.get("ATTRIBUTION_BROWSER_WAIT_S", 2400))  # one build (first gallery, EK-FAC)
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(int(os.environ.get("ATTRIBUTION_BROWSER_TIMEOUT_S", 3600)))]
 
 
 def _free_port() -> int:
@@ -170,6 +173,10 @@ def _estimates(states: list[dict]) -> list[dict]:
 
 
 def _write_results(record: dict) -> None:
+    """bench/results/app_timings.{json,md} (the shipped demo run only); called after every step,
+    so a run stopped part-way still leaves what it measured."""
+    if DEMO.resolve() != (ROOT / "demo" / "run").resolve():
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "app_timings.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# App timings in the browser (two sessions, fresh server, fresh copy of the demo run)", "",
@@ -177,16 +184,30 @@ def _write_results(record: dict) -> None:
              f"load average at the start {record['load_average_start']} on {record['cpus']} CPUs (shared with other jobs: "
              "treat the figures as upper bounds). Times run from the widget change (or page load) until the gallery "
              "scored for the new settings is on screen.", "",
-             f"**First gallery: {record['first_gallery_s']:.1f} s** (both sessions arrived together; one build).", "",
+             ("" if record.get("complete") else f"**Incomplete run: stopped at \"{record.get('step')}\".** "),
+             (f"**First gallery: {record['first_gallery_s']:.1f} s** (both sessions arrived together; one build)."
+              if "first_gallery_s" in record else "No first gallery yet."), "",
              "| switch (session A) | seconds | note |", "|---|---|---|"]
     lines += [f"| {r['switch']} | {r['seconds']:.1f} | {r.get('note', '')} |" for r in record["switches"]]
     lines += ["", "Per-stage estimates vs measured (build stages over 5 s):", "",
               "| job | stage | measured s | estimate at start s | estimate at 10% s |", "|---|---|---|---|---|"]
     lines += [f"| {e['job']} | {e['stage']} | {e['seconds']} | {e['estimate_at_start_s']} | {e['estimate_at_10pct_s']} |"
               for e in record["estimates"]]
-    lines += ["", f"Jobs: {record['jobs']['total']} in all; artifacts built: {record['jobs']['artifacts_built']}, each by "
-              f"exactly one job: {record['jobs']['one_job_per_artifact']}. Tracebacks in either session: none."]
+    if "jobs" in record:
+        lines += ["", f"Jobs: {record['jobs']['total']} in all; artifacts built: {record['jobs']['artifacts_built']}, "
+                  f"each by exactly one job: {record['jobs']['one_job_per_artifact']}. Tracebacks in either session: "
+                  "none."]
     (RESULTS / "app_timings.md").write_text("\n".join(lines) + "\n")
+
+
+def _snapshot(record: dict, run_dir: Path, step: str, complete: bool = False) -> None:
+    from attribution import jobs
+
+    states = _jobs(run_dir)
+    built = [k for s in states for k in jobs.built_artifacts(s)]
+    record.update(step=step, complete=complete, estimates=_estimates(states),
+                  jobs={"total": len(states), "artifacts_built": len(built), "one_job_per_artifact": len(built) == len(set(built))})
+    _write_results(record)
 
 
 def test_two_sessions_on_a_fresh_server(browser, server, fresh_demo):
@@ -205,7 +226,8 @@ def test_two_sessions_on_a_fresh_server(browser, server, fresh_demo):
         pg.get_by_role("heading", name="Attribute").first.wait_for(timeout=300_000)
     for pg in (a, b):
         _no_traceback(pg)
-        _wait_scored(pg, default, 2400)
+        _snapshot(record, fresh_demo, "waiting for the first gallery")
+        _wait_scored(pg, default, WAIT_S)
     record["first_gallery_s"] = time.time() - t0
     for pg in (a, b):
         _no_traceback(pg)
@@ -218,6 +240,7 @@ def test_two_sessions_on_a_fresh_server(browser, server, fresh_demo):
         _wait_scored(a, settings, timeout_s)
         _no_traceback(a)
         record["switches"].append({"switch": name, "seconds": time.time() - t, "note": note})
+        _snapshot(record, fresh_demo, f"after: {name}")
 
     # damping: four quick key presses on the slider; only the settled value is scored
     slider = a.locator("[data-testid='stSlider']").filter(has_text="Damping").get_by_role("slider")
@@ -242,14 +265,15 @@ def test_two_sessions_on_a_fresh_server(browser, server, fresh_demo):
     switch("measurement loss -> ELBO (approximation defaults to the loss)", lambda: _pick(a, "Measurement", "elbo"),
            "K-FAC · MC Fisher · expand · damping 1e-07 · ELBO (via the loss's gradient)",
            note="B's EK-FAC build running" if building() else "")
-    _wait_scored(b, "EK-FAC · MC Fisher · expand · damping 1e-08 · loss", 2400)
+    _snapshot(record, fresh_demo, "waiting for B's EK-FAC gallery")
+    _wait_scored(b, "EK-FAC · MC Fisher · expand · damping 1e-08 · loss", WAIT_S)
     record["ekfac_first_build_s"] = time.time() - ekfac_t0  # in B, from its click (A's switches meanwhile)
     _no_traceback(b)
     b.screenshot(path=str(SHOTS / "attribute_ekfac.png"), full_page=True)
     switch("variant K-FAC -> EK-FAC (built by B)", lambda: _click_radio(a, "ekfac"),
            "EK-FAC · MC Fisher · expand · damping 1e-07 · ELBO (via the loss's gradient)", timeout_s=600)
     switch("weight sharing expand -> reduce", lambda: _click_radio(a, "reduce"),
-           "EK-FAC · MC Fisher · reduce · damping 1e-07 · ELBO (via the loss's gradient)", timeout_s=2400,
+           "EK-FAC · MC Fisher · reduce · damping 1e-07 · ELBO (via the loss's gradient)", timeout_s=WAIT_S,
            note="a build unless the warm-up had it ready")
     switch("measurement ELBO -> loss", lambda: _pick(a, "Measurement", "loss"),
            "EK-FAC · MC Fisher · reduce · damping 1e-07 · loss", timeout_s=600)
@@ -264,16 +288,9 @@ def test_two_sessions_on_a_fresh_server(browser, server, fresh_demo):
     for pg in (a, b):
         _no_traceback(pg)
 
-    from attribution import jobs
-
-    states = _jobs(fresh_demo)
-    built = [k for s in states for k in jobs.built_artifacts(s)]
-    record["jobs"] = {"total": len(states), "artifacts_built": len(built), "one_job_per_artifact": len(built) == len(set(built))}
-    record["estimates"] = _estimates(states)
+    _snapshot(record, fresh_demo, "done", complete=True)
     print("\n" + json.dumps(record, indent=2))
-    if DEMO.resolve() == (ROOT / "demo" / "run").resolve():
-        _write_results(record)
-    assert len(built) == len(set(built)), built  # exactly one job per artifact
+    assert record["jobs"]["one_job_per_artifact"], record["jobs"]  # exactly one job per artifact
     assert record["switches"][0]["seconds"] < 30
 
 

@@ -147,8 +147,14 @@ def test_influence_job_saves_the_engine_scores(run_copy):
     args = {"settings": settings, "query_set": "queries", "query_indices": [0, 2]}
     state = jobs.execute("influence", run_copy.path, args)
     assert state["status"] == "done", state
-    assert state["result"] == {"shape": [2, 16]}
-    assert any("factors" in s.lower() for s in state["stages"]) and any("store" in s.lower() for s in state["stages"])
+    assert state["result"]["shape"] == [2, 16]
+    assert len(state["result"]["stability"]) == 2  # the engine's reliability summary per query
+    assert any("factors" in s.lower() for s in state["stages"])
+    assert any("training gradients" in s.lower() for s in state["stages"])
+    # its plan named every stage up front, and each one ran: query gradients, factors, pilot, store
+    kinds = [e["kind"] for e in state["plan"]]
+    assert kinds[0] == "query_gradients" and "factors" in kinds and kinds[-1] == "store", kinds
+    assert all(e.get("seconds") is not None for e in state["plan"]), state["plan"]
     saved = jobs.load_result(run_copy.path, state["id"])
     direct = influence.influence_scores(run_copy, "queries", [0, 2], influence.InfluenceSettings(**settings))
     assert saved.shape == (2, 16)
