@@ -32,8 +32,10 @@ def _fmt(stat: dict, digits: int = 3, signed: bool = False) -> str:
 def _describe(report: dict) -> str:
     job, rec = report["job"], report["recipe"]
     labels = ", ".join(report["methods"][m]["label"] for m in job["methods"])
-    return (f"k = {job['k']} of {report['num_train']} training images removed per query; {len(report['queries'])} "
-            f"queries of {job['query_set']!r}; {labels}; each model trained {rec['steps']} steps with seed {rec['seed']}")
+    n = len(report["queries"])
+    return (f"k = {job['k']} of {report['num_train']} training images removed per query; {n} "
+            f"{'query' if n == 1 else 'queries'} of {job['query_set']!r}; {labels}; each model trained {rec['steps']} "
+            f"steps with seed {rec['seed']} (the full model: {rec['train']['steps']})")
 
 
 def _results(run: Run, report: dict, images: dict, ds) -> None:
