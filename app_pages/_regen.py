@@ -68,7 +68,7 @@ def _results(run: Run, report: dict, images: dict, ds) -> None:
                      "L2 to the original (mean ± SE)": _fmt(r["l2"], 2),
                      "SSIM to the original": _fmt(r["ssim"], 3),
                      f"change of the {meas}": "—" if m == "reference" else _fmt(r["change"], 3, signed=True)})
-    st.markdown(f"**Over all {len(qs)} queries** (mean ± standard error)")
+    st.markdown(f"**Over {'the 1 query' if len(qs) == 1 else f'all {len(qs)} queries'}** (mean ± standard error)")
     st.dataframe(rows, hide_index=True)
     lines = []
     for pair, v in report["paired"].items():
