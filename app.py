@@ -19,6 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import streamlit as st  # noqa: E402
 
 from app_pages._common import run_picker  # noqa: E402
+from attribution.ddpm import unet_class  # noqa: E402
+
+# Sessions are threads of one server: resolve diffusers' lazy names once, behind its lock, before
+# any page or background job imports from it (its lazy import is not thread-safe).
+unet_class()
 
 st.set_page_config(page_title="Diffusion data attribution", page_icon=":material/image_search:", layout="wide")
 run_picker()

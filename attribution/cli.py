@@ -15,7 +15,8 @@ from pathlib import Path
 
 from attribution.errors import UserError
 
-COMMAND_MODULES = ["attribution.cli_attribute", "attribution.cli_evaluation", "attribution.cli_regenerate"]
+COMMAND_MODULES = ["attribution.cli_attribute", "attribution.cli_evaluation", "attribution.cli_build",
+                   "attribution.cli_regenerate"]
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:

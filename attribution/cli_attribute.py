@@ -1,7 +1,11 @@
 """``attribution attribute``: top proponents / opponents / neutral training examples per query.
 
-Prints one JSON object: ``{"config": {...}, "queries": [{"query", "positive", "negative",
-"neutral"}, ...]}``; each list holds ``{"index", "score", "id", "label"}`` entries.
+Prints one JSON object: ``{"config": {...}, "queries": [{"query", "stability", "positive",
+"negative", "neutral"}, ...]}``; each list holds ``{"index", "score", "id", "label"}`` entries
+(K-FAC / EK-FAC add ``"se"``, the score's standard error, and ``"rank_interval"``, a 90% interval
+of its rank, both estimated from two independent halves of the draws; ``"stability"`` gives the
+split-half Spearman, its Spearman-Brown correction and the expected top-k overlaps of two
+independent runs).
 """
 
 from __future__ import annotations
@@ -13,6 +17,16 @@ import sys
 from attribution.errors import UserError
 
 METHODS = ("kfac", "ekfac", "trak", "dtrak", "clip", "pixel")
+SCHEMES = ("common", "stratified", "iid")  # measurements.DrawScheme values
+
+
+def _defaults() -> dict:
+    from attribution.influence import InfluenceSettings
+
+    return InfluenceSettings().to_dict()
+
+
+DEFAULTS = _defaults()
 
 HELP = """\
 Attribute generated samples to training examples.
@@ -72,13 +86,24 @@ def add_commands(subparsers) -> None:
                    help="K-FAC weight-sharing variant (Eschenhagen et al. 2023); expand is the paper's "
                         "(default: %(default)s)")
     p.add_argument("--damping", type=float, default=None,
-                   help="lambda added to the GGN of the MEAN training loss (paper's normalisation). Default: "
+                   help="lambda added to the GGN of the training loss averaged over examples and pixels (the paper's and its "
+                        "official code's unit: a value from the paper means the same here). Default: "
                         "1e-8 for kfac/ekfac; TRAK/D-TRAK: their adaptive default")
-    p.add_argument("--train-draws", type=int, default=32,
-                   help="(t, eps) draws per training gradient (default: %(default)s)")
-    p.add_argument("--query-draws", type=int, default=64, help="(t, eps) draws per query gradient (default: %(default)s)")
-    p.add_argument("--factor-draws", type=int, default=8,
+    p.add_argument("--train-draws", type=int, default=DEFAULTS["train_draws"],
+                   help="(t, eps) draws per training gradient, over all rounds (default: %(default)s)")
+    p.add_argument("--preview-draws", type=int, default=DEFAULTS["preview_draws"],
+                   help="draws of the store's first round; rounds then double in pairs (2, 2, 4, 4, ...) up to "
+                        "--train-draws, and the gallery can be shown after any round (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="build only this many rounds now (a preview; run again without it to refine)")
+    p.add_argument("--query-draws", type=int, default=DEFAULTS["query_draws"],
+                   help="(t, eps) draws per query gradient, in two independent halves (default: %(default)s)")
+    p.add_argument("--factor-draws", type=int, default=DEFAULTS["factor_draws"],
                    help="(t, eps) draws per training example for the K-FAC factors (default: %(default)s)")
+    p.add_argument("--draw-scheme", default=DEFAULTS["draw_scheme"], choices=SCHEMES,
+                   help="common: the same stratified (t, eps) draws for every training example, so their "
+                        "scores compare like with like; stratified: stratified timesteps per example; iid: "
+                        "independent draws (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of all Monte-Carlo draws (default: %(default)s)")
     p.add_argument("--compress-queries", action="store_true",
                    help="int8-quantise the preconditioned query gradients (paper §3.2)")
@@ -117,7 +142,7 @@ def _baseline(name: str):
 
 def compute_scores(args, run, indices: list[int], progress):
     """``(scores [Q, N], config dict)`` for the parsed ``args``."""
-    from attribution.influence import InfluenceSettings, influence_scores
+    from attribution.influence import InfluenceSettings, influence_result
 
     if args.method in ("kfac", "ekfac"):
         settings = InfluenceSettings(
@@ -125,9 +150,12 @@ def compute_scores(args, run, indices: list[int], progress):
             damping=1e-8 if args.damping is None else args.damping, measurement=args.measurement,
             approx_measurement=args.approx_measurement, train_draws=args.train_draws,
             query_draws=args.query_draws, seed=args.seed, compress_queries=args.compress_queries,
-            factor_draws=args.factor_draws, store_dtype=args.store_dtype)
-        scores = influence_scores(run, args.samples, indices, settings, progress)
-        return scores, {"method": args.method, **settings.to_dict()}
+            factor_draws=args.factor_draws, store_dtype=args.store_dtype, preview_draws=args.preview_draws,
+            draw_scheme=args.draw_scheme)
+        if args.rounds is not None and args.rounds < 1:
+            raise UserError(f"--rounds must be >= 1, got {args.rounds}")
+        res = influence_result(run, args.samples, indices, settings, progress, rounds=args.rounds, k=args.top)
+        return res.scores, {"method": args.method, **settings.to_dict(), "result": res}
     tensors, _ = run.load_samples(args.samples)
     images = tensors["images"]
     bad = [i for i in indices if not 0 <= i < images.shape[0]]
@@ -138,7 +166,7 @@ def compute_scores(args, run, indices: list[int], progress):
     b = _baseline(args.method)
     if args.method in ("trak", "dtrak"):
         kw = {} if args.damping is None else {"damping": args.damping}
-        scores = b.trak_scores(run, q, variant=args.method, progress=progress, **kw)
+        scores = b.trak_scores(run, q, variant=args.method, progress=progress, query_indices=indices, **kw)
         config = {"method": args.method, "damping": args.damping, "measurement": "loss" if args.method == "trak"
                   else "square-norm"}
     elif args.method == "clip":
@@ -180,13 +208,28 @@ def cmd_attribute(args) -> int:
         print(f"note: --method {args.method} ignores --measurement / --approx-measurement", file=sys.stderr)
     indices = parse_indices(args.query)
     progress = _progress(args.quiet)
+    from attribution.stability import rank_interval
+
     scores, config = compute_scores(args, run, indices, progress)
+    res = config.pop("result", None)
     table = run_training_table(run)
     if len(table) != scores.shape[1]:
         raise UserError(f"scores cover {scores.shape[1]} training examples but the run's dataset has {len(table)}")
     out = {"run": str(run.path), "samples": args.samples, "config": config, "queries": []}
     for row, q in enumerate(indices):
         lists = top_k(scores[row], args.top)
-        out["queries"].append({"query": q, **{k: [{**table[i], "score": s} for i, s in v] for k, v in lists.items()}})
+        entry = {"query": q}
+        if res is not None:
+            entry["stability"] = res.summary(row)
+
+        def item(i, s):
+            d = {**table[i], "score": s}
+            if res is not None and res.se is not None:
+                d["se"] = float(res.se[row, i])
+                d["rank_interval"] = list(rank_interval(scores[row], res.se[row], i))
+            return d
+
+        entry.update({k: [item(i, s) for i, s in v] for k, v in lists.items()})
+        out["queries"].append(entry)
     print(json.dumps(out, separators=(",", ":")) if args.json else json.dumps(out, indent=2))
     return 0

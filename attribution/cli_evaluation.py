@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from attribution.errors import UserError
@@ -41,7 +38,8 @@ def _tqdm_progress():
         if bar is None:
             for b in bars.values():
                 b.close()
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="meas" if stage == "measure" else "step",
+            unit = {"measure": "meas", "train": "step"}.get(stage, "unit")
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit,
                                      initial=done, dynamic_ncols=True)
         bar.total = total
         bar.update(done - bar.n)
@@ -53,51 +51,28 @@ def _tqdm_progress():
     return progress, close
 
 
-def _run_workers(args, stages: list[str]) -> int:
-    """Start ``--workers`` shard processes (one thread each) and follow their progress files."""
-    from tqdm import tqdm
+def add_executor_args(p) -> None:
+    """``--executor``, ``--ray-address`` and ``--workers`` (shared by lds, counterfactual, build)."""
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: this machine (one process, or --workers processes); ray: Ray tasks on the "
+                        "cluster at --ray-address, or on a local Ray cluster started here (default: %(default)s)")
+    p.add_argument("--ray-address", default=None,
+                   help="existing Ray cluster: auto, HOST:6379 or ray://HOST:10001 (implies --executor ray)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel workers, one thread each: local processes (default 1 = in this process) or "
+                        "the CPUs of a local Ray cluster (default: all cores)")
 
-    from attribution.evaluation import job_dir
-    from attribution.runs import open_run
 
-    run = open_run(args.run)
-    job = _job_from_args(args)
-    k = args.workers
-    base = [sys.executable, "-m", "attribution", "lds", "--run", str(args.run), "--subsets", str(args.subsets),
-            "--seeds", str(args.seeds), "--alpha", str(args.alpha), "--subset-seed", str(args.subset_seed),
-            "--query-set", args.query_set, "--draws", str(args.draws), "--measure-seed", str(args.measure_seed),
-            "--batch-size", str(args.batch_size), "--stage", args.stage]
-    if args.independent_seeds:
-        base.append("--independent-seeds")
-    for flag, value in (("--steps", args.steps), ("--warmup-steps", args.warmup_steps),
-                        ("--measurements", args.measurements)):
-        if value is not None:
-            base += [flag, str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    jd = job_dir(run, job)
-    procs = [subprocess.Popen(base + ["--shard", f"{i}/{k}", "--quiet", "--no-collect"], env=env) for i in range(k)]
-    bar = tqdm(desc=f"{k} workers", dynamic_ncols=True)
-    try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(2)
-            recs = [json.loads(p.read_text()) for p in jd.glob(f"progress_*of{k}.json") if p.stat().st_size]
-            if recs:
-                bar.total = sum(r["total"] for r in recs)
-                bar.n = sum(r["done"] for r in recs)
-                bar.set_postfix_str(",".join(sorted({r["stage"] for r in recs})), refresh=False)
-                bar.refresh()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(2)
-        for p in procs:
-            p.wait()
-        print("\ninterrupted; finished models are kept. Re-run the same command to resume.", file=sys.stderr)
-        return 130
-    finally:
-        bar.close()
-    if any(p.returncode != 0 for p in procs):
-        raise UserError(f"a worker failed (exit codes {[p.returncode for p in procs]}); re-run to resume")
-    return 0
+def executor_from_args(args):
+    """The executor for the parsed flags (None: the in-process path)."""
+    from attribution.executor import make_executor
+
+    kind = "ray" if args.ray_address else args.executor
+    if kind == "local" and (args.workers or 1) == 1:
+        return None
+    ex = make_executor(kind, args.ray_address, args.workers)
+    print(f"running on the {ex.describe()}", file=sys.stderr)
+    return ex
 
 
 def cmd_lds(args) -> int:
@@ -107,23 +82,18 @@ def cmd_lds(args) -> int:
     stages = ["train", "measure"] if args.stage == "all" else [args.stage]
     run = open_run(args.run)
     job = _job_from_args(args)
-    if args.workers > 1 and args.shard is None:
-        rc = _run_workers(args, stages)
-        if rc:
-            return rc
-    else:
-        shard = _shard(args.shard) if args.shard else (0, 1)
-        if args.quiet:
-            progress, close = None, lambda: None
-        else:
-            progress, close = _tqdm_progress()
-        try:
-            run_lds_job(run, job, stages=stages, shard=shard, progress=progress)
-        except KeyboardInterrupt:
-            print("\ninterrupted; finished models and measurements are kept. Re-run to resume.", file=sys.stderr)
-            return 130
-        finally:
-            close()
+    shard = _shard(args.shard) if args.shard else (0, 1)
+    executor = executor_from_args(args) if args.shard is None else None
+    progress, close = (None, lambda: None) if args.quiet else _tqdm_progress()
+    try:
+        run_lds_job(run, job, stages=stages, shard=shard, progress=progress, executor=executor)
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished models and measurements are kept. Re-run to resume.", file=sys.stderr)
+        return 130
+    finally:
+        close()
+        if executor is not None:
+            executor.close()
     print(f"job folder: {job_dir(run, job)}")
     if "measure" in stages and not args.no_collect:
         collect_ground_truth(run, job)
@@ -165,7 +135,8 @@ def cmd_lds_score(args) -> int:
 
 
 def cmd_counterfactual(args) -> int:
-    from attribution.evaluation import CounterfactualJob, canonical_measurement, run_counterfactual
+    from attribution.counterfactual import CounterfactualJob, run_counterfactual
+    from attribution.evaluation import canonical_measurement
     from attribution.runs import open_run
 
     run = open_run(args.run)
@@ -183,14 +154,19 @@ def cmd_counterfactual(args) -> int:
                             warmup_steps=args.warmup_steps,
                             measurement=canonical_measurement(args.measurement), num_draws=args.draws,
                             measure_seed=args.measure_seed, random_seed=args.random_seed, query_set=args.query_set)
+    executor = executor_from_args(args)
     progress, close = _tqdm_progress()
     try:
-        report = run_counterfactual(run, job, scores, progress=progress)
+        report = run_counterfactual(run, job, scores, progress=progress, executor=executor)
     except KeyboardInterrupt:
         print("\ninterrupted; finished models are kept. Re-run to resume.", file=sys.stderr)
         return 130
     finally:
         close()
+        if executor is not None:
+            executor.close()
+    if report is None:
+        return 130
     summary = {name: {"mean": r["mean"], "sem": r["sem"], "per_query": r["per_query"]}
                for name, r in report["methods"].items()}
     print(json.dumps({"measurement": job.measurement, "k": job.k, "change": summary}, indent=2))
@@ -226,8 +202,7 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="measurement batch size (default: %(default)s)")
     p.add_argument("--stage", choices=("train", "measure", "all"), default="all",
                    help="retrain only, measure only, or both (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="parallel worker processes, one thread each (default: %(default)s)")
+    add_executor_args(p)
     p.add_argument("--shard", default=None, help=argparse_suppress())
     p.add_argument("--quiet", action="store_true", help=argparse_suppress())
     p.add_argument("--no-collect", action="store_true", help=argparse_suppress())
@@ -258,6 +233,7 @@ def add_commands(sub) -> None:
     p.add_argument("--measure-seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random-removal control (default: %(default)s)")
     p.add_argument("--query-set", default="queries", help="(default: %(default)s)")
+    add_executor_args(p)
     p.set_defaults(func=cmd_counterfactual)
 
 

@@ -1,12 +1,13 @@
 """K-FAC / EK-FAC curvature of the diffusion training loss through curvlinops 3.x (method.md §3).
 
-Scaling convention (stated once, tested in tests/test_curvature.py):
-the user-facing damping ``lambda`` is the paper's: it is added to the GGN of the MEAN training
-loss L_D = (1/N) sum_n E_{t,eps} ||eps - eps_theta(x_t, t)||^2 with the squared error SUMMED over
-the D = C*H*W pixels. curvlinops is given ``MSELoss(reduction="mean")`` over rows of flattened
-outputs, which also averages over the D entries, so its matrix is G_curvlinops = G_paper / D and
+Scaling convention (stated once, tested in tests/test_curvature.py and tests/test_influence.py):
+the user-facing damping ``lambda`` is the paper's and its official code's: it is added to the GGN of
+the training loss averaged over the N examples AND over the D = C*H*W pixels (the official code
+builds K-FAC on ``MSELoss(reduction="mean")`` and passes lambda straight to curvlinops; method.md §2).
+curvlinops is given exactly that loss, so G_curvlinops = G_mean. This package's gradients are of the
+squared error SUMMED over pixels (method.md §1), whose GGN is G_sum = D * G_mean, hence
 
-    (G_paper + lambda I)^{-1} = (1/D) (G_curvlinops + (lambda / D) I)^{-1}.
+    (G_sum + D * lambda I)^{-1} = (1/D) (G_curvlinops + lambda I)^{-1}.
 
 :class:`Preconditioner` applies the right-hand side with curvlinops' exact damping
 (``KFACInverseLinearOperator(..., use_exact_damping=True)``), in float64.
@@ -32,9 +33,10 @@ from torch import Tensor
 from attribution.ddpm import FlatEpsNet, Schedule
 from attribution.errors import UserError
 from attribution.gradients import kfac_parameters
-from attribution.measurements import Measurement, draw_plan, example_groups
+from attribution.measurements import DrawOptions, Measurement, draw_plan, example_groups
 
 Progress = Optional[Callable[[int, int, str], None]]
+PASS_NAMES = ("Kronecker factors", "eigenvalue correction")  # EK-FAC's two data passes
 
 
 class CurvatureMethod(str, Enum):
@@ -79,6 +81,7 @@ class CurvatureConfig:
     draws: int = 8  # (t, eps) draws per training example
     seed: int = 0
     mc_samples: int = 1  # labels per row for the MC Fisher
+    hflip: bool = False  # the run's training augmentation: a random flip per draw (paper App. G.8)
 
     def __post_init__(self):
         object.__setattr__(self, "method", _enum(CurvatureMethod, self.method, "Hessian approximation").value)
@@ -90,7 +93,10 @@ class CurvatureConfig:
             raise UserError("mc_samples > 1 only makes sense for the MC Fisher")
 
     def key(self) -> dict:
-        return asdict(self)
+        k = asdict(self)
+        if not self.hflip:
+            k.pop("hflip")  # runs without augmentation keep the cache keys they had
+        return k
 
 
 # ----------------------------------------------------------------------------- data
@@ -104,11 +110,14 @@ class TrainingRows:
     """
 
     def __init__(self, schedule: Schedule, images: Tensor, draws: int, seed: int, dtype=torch.float32,
-                 rows_per_batch: int = 256, progress: Progress = None, stage: str = "curvature"):
+                 rows_per_batch: int = 256, progress: Progress = None, stage: str = "curvature",
+                 hflip: bool = False, passes: int = 1):
         self.schedule, self.images, self.draws, self.seed = schedule, images, draws, seed
         self.dtype, self.rows_per_batch = dtype, rows_per_batch
         self.progress, self.stage = progress, stage
+        self.options = DrawOptions(hflip=hflip)
         self.groups = list(example_groups(images.shape[0], draws, rows_per_batch))
+        self.passes, self._traversal = passes, 0
 
     @property
     def num_rows(self) -> int:
@@ -117,14 +126,24 @@ class TrainingRows:
     def __len__(self) -> int:
         return len(self.groups)
 
+    def stage_name(self) -> str:
+        """The stage of the current traversal: EK-FAC's two passes get their own names."""
+        if self.passes < 2:
+            return self.stage
+        what = PASS_NAMES[min(self._traversal, len(PASS_NAMES) - 1)]
+        return f"{self.stage}, pass {min(self._traversal + 1, self.passes)} of {self.passes}: {what}"
+
     def __iter__(self):
+        stage = self.stage_name()
         for k, group in enumerate(self.groups):
-            plan = draw_plan(self.schedule, self.images, Measurement("loss"), self.draws, self.seed, group)
+            plan = draw_plan(self.schedule, self.images, Measurement("loss"), self.draws, self.seed, group,
+                             options=self.options)
             if self.progress is not None:
-                self.progress(k, len(self.groups), self.stage)
+                self.progress(k, len(self.groups), stage)
             yield {"x": plan.x_in.to(self.dtype), "t": plan.t}, plan.target.flatten(1).to(self.dtype)
         if self.progress is not None:
-            self.progress(len(self.groups), len(self.groups), self.stage)
+            self.progress(len(self.groups), len(self.groups), stage)
+        self._traversal += 1
 
 
 def _batch_size(X) -> int:
@@ -216,8 +235,9 @@ def operator_from_tensors(model, params, data, tensors: dict[str, Tensor], meta:
 
 
 class Preconditioner:
-    """(G_paper + lambda I)^{-1} with exact damping for an (E)KFAC operator ``op`` of a
-    mean-reduced MSE over ``output_dim`` = D entries (see the module docstring).
+    """(G_sum + D lambda I)^{-1} = (1/D) (G_mean + lambda I)^{-1} with exact damping for an (E)KFAC
+    operator ``op`` of a mean-reduced MSE over ``output_dim`` = D entries; lambda is the paper's
+    (see the module docstring).
 
     ``apply(V)`` takes ``[Q, P]`` (rows in ``params`` order) and returns ``[Q, P]`` float64.
     For K-FAC the factors' eigendecompositions are computed once (float64, eigenvalues clipped at
@@ -236,7 +256,7 @@ class Preconditioner:
                 compute_factors(op)
             elif not self.is_ekfac and not (op._input_covariances or op._gradient_covariances):  # noqa: SLF001
                 compute_factors(op)
-        inv = KFACInverseLinearOperator(op, damping=self.damping / self.D, use_exact_damping=True)
+        inv = KFACInverseLinearOperator(op, damping=self.damping, use_exact_damping=True)
         if not self.is_ekfac:
             if _eig_state is None:
                 _eig_state = self._eigendecompose(op)
@@ -266,7 +286,7 @@ class Preconditioner:
 
     @torch.no_grad()
     def apply(self, V: Tensor) -> Tensor:
-        """(G_paper + lambda I)^{-1} V^T, transposed back: ``[Q, P]`` float64."""
+        """(G_sum + D lambda I)^{-1} V^T, transposed back: ``[Q, P]`` float64."""
         dtype = self.inv.dtype
         out = self.inv @ V.to(dtype).T.contiguous()
         return (out.T / self.D).to(torch.float64)
@@ -288,8 +308,9 @@ def build_factors(unet, schedule: Schedule, images: Tensor, cfg: CurvatureConfig
     """
     model = FlatEpsNet(unet).eval()
     params = kfac_parameters(model)
-    stage = f"{cfg.method.upper()} factors ({cfg.fisher}, {cfg.kfac_type})"
-    data = TrainingRows(schedule, images, cfg.draws, cfg.seed, params[0].dtype, rows_per_batch, progress, stage)
+    stage = f"{'EK-FAC' if cfg.method == 'ekfac' else 'K-FAC'} factors ({cfg.fisher} Fisher, {cfg.kfac_type})"
+    data = TrainingRows(schedule, images, cfg.draws, cfg.seed, params[0].dtype, rows_per_batch, progress, stage,
+                        hflip=cfg.hflip, passes=2 if cfg.method == "ekfac" else 1)
     op = curvlinops_operator(model, params, data, method=cfg.method, fisher=cfg.fisher, kfac_type=cfg.kfac_type,
                              num_data=data.num_rows, num_per_example_loss_terms=1, mc_samples=cfg.mc_samples,
                              seed=cfg.seed, batch_size_fn=_batch_size)
@@ -376,15 +397,20 @@ def dense_ggn(unet, schedule: Schedule, images: Tensor, draws: int, seed: int, p
 
 
 class DensePreconditioner:
-    """(G + lambda I)^{-1} for an explicit matrix ``G`` ``[P, P]`` (exact references on small
-    problems); same ``apply`` / ``with_damping`` interface as :class:`Preconditioner`."""
+    """(G + D lambda I)^{-1} for an explicit matrix ``G`` ``[P, P]`` (exact references on small
+    problems); same ``apply`` / ``with_damping`` interface as :class:`Preconditioner`.
 
-    def __init__(self, G: Tensor, damping: float):
-        self.G, self.damping = G.double(), float(damping)
-        self._chol = torch.linalg.cholesky(self.G + self.damping * torch.eye(G.shape[0], dtype=torch.float64))
+    With ``G = dense_ggn(...)`` (summed-pixel scaling) and ``output_dim = D`` it is the exact
+    counterpart of :class:`Preconditioner` at the same paper-scale ``damping``; ``output_dim = 1``
+    adds ``damping`` to ``G`` as given."""
+
+    def __init__(self, G: Tensor, damping: float, output_dim: int = 1):
+        self.G, self.damping, self.D = G.double(), float(damping), int(output_dim)
+        eye = torch.eye(G.shape[0], dtype=torch.float64)
+        self._chol = torch.linalg.cholesky(self.G + self.D * self.damping * eye)
 
     def with_damping(self, damping: float) -> "DensePreconditioner":
-        return DensePreconditioner(self.G, damping)
+        return DensePreconditioner(self.G, damping, self.D)
 
     def apply(self, V: Tensor) -> Tensor:
         return torch.cholesky_solve(V.double().T, self._chol).T

@@ -11,6 +11,7 @@ Conventions (see ../shared/docs/method.md §1):
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -109,9 +110,36 @@ PRESETS: dict[str, dict] = {
 }
 
 
+_DIFFUSERS_LOCK = threading.Lock()
+_UNET_CLASS = None
+
+
+def unet_class():
+    """diffusers' ``UNet2DModel``, imported exactly once per process behind a lock.
+
+    diffusers resolves its names lazily (``_LazyModule.__getattr__``), and that is not thread-safe:
+    two threads running ``from diffusers import UNet2DModel`` in a fresh interpreter fail with
+    "cannot import name 'UNet2DModel'" (the app's sessions are threads). The first caller resolves
+    every diffusers name this package uses (the U-Net, its logging, the EMA of ``train.py``) under
+    the lock; afterwards they are plain module attributes and any thread may import them.
+    """
+    global _UNET_CLASS
+    if _UNET_CLASS is None:
+        with _DIFFUSERS_LOCK:
+            if _UNET_CLASS is None:
+                import diffusers
+                import diffusers.training_utils  # noqa: F401  (train.py's EMAModel)
+                from diffusers.utils import logging as diffusers_logging
+
+                # diffusers' multi-line "install accelerate" notice would break one-line CLI output
+                diffusers_logging.set_verbosity_error()
+                _UNET_CLASS = diffusers.UNet2DModel
+    return _UNET_CLASS
+
+
 def build_unet(preset: str, image_size: int, channels: int, seed: int = 0):
     """A freshly initialised diffusers ``UNet2DModel`` for ``preset`` (seeded initialisation)."""
-    from diffusers import UNet2DModel
+    UNet2DModel = unet_class()
 
     if preset not in PRESETS:
         raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -245,11 +273,7 @@ def load_pretrained(path_or_id: str):
 
     Offline (or a wrong id) fails fast with a one-line :class:`UserError`.
     """
-    from diffusers import UNet2DModel
-    from diffusers.utils import logging as diffusers_logging
-
-    # diffusers' multi-line "install accelerate" notice would break one-line CLI output
-    diffusers_logging.set_verbosity_error()
+    UNet2DModel = unet_class()
     p = Path(path_or_id)
     if p.exists():
         sub = p / "unet" if (p / "unet" / "config.json").exists() else p

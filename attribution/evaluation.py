@@ -6,7 +6,7 @@ Layout inside a run directory::
         measurements/<meas-key>.safetensors   {"values": [Q] float64}
     lds/<job-key>/full_model/measurements/   the original model's measurements (same draws)
     lds/<job-key>/progress_<shard>.json      {"stage", "done", "total", "eta_s", ...}
-    lds/cf-<job-key>/<method>_q<q>_seed_<r>_<hash>/   counterfactual retrained runs
+    lds/cf-<job-key>/...                     counterfactual retraining (attribution.counterfactual)
     lds_truth/<job-key>/<meas-key>_M<M>_R<R>.safetensors   assembled ground truth (masks, values, base)
 
 The job key hashes only what changes the retrained models (model fingerprint, training recipe,
@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -41,16 +41,25 @@ DEFAULT_LT_GRID = (0, 49, 99, 199, 499, 799)  # 0-indexed timesteps (paper's t =
 DEFAULT_MEASUREMENTS = ("loss", "elbo", "elbo-simple", "trajectory") + tuple(f"lt:{t}" for t in DEFAULT_LT_GRID)
 
 RETRAIN_CHECKPOINT_EVERY = 50  # steps between checkpoints of a retrained model (cheap: tiny models)
+# Ground-truth and counterfactual measurements draw their (t, eps) with keys TRUTH_OFFSET + query
+# index: a stream of their own, shared neither with training example i's draws (keys 0..N-1) nor
+# with the query gradients' (influence.QUERY_OFFSET + i). The stream's tag is part of every
+# measurement key, so files measured on the old stream (key = query index, "legacy") are never
+# mixed with new ones; stored ground truth says which stream it used in its "draw_stream".
+TRUTH_OFFSET = 2 * 10**9
+TRUTH_STREAM = "t2e9"
+LEGACY_STREAM = "legacy"
 ProgressFn = Callable[[int, int, str], None]  # (done, total, stage)
 # measure_fn(unet, schedule, images [Q,C,H,W], measurement text, num_draws, seed, trajectory) -> [Q] float64
 MeasureFn = Callable[..., Tensor]
 
 
 def _default_measure(unet, schedule, images, text, num_draws, seed, trajectory=None, batch_size=256):
+    """The measurement on the ground-truth draw stream (query q keyed TRUTH_OFFSET + q)."""
     from attribution.measurements import measurement_values, parse_measurement
 
     return measurement_values(unet, schedule, images, parse_measurement(text), num_draws, seed,
-                              trajectory=trajectory, batch_size=batch_size)
+                              trajectory=trajectory, batch_size=batch_size, offset=TRUTH_OFFSET)
 
 
 def canonical_measurement(text: str) -> str:
@@ -139,12 +148,20 @@ def unit_seed(m: int, r: int, paired: bool = False) -> int:
     return 10_000 * (r + 1) + (0 if paired else m)
 
 
-def measurement_key(job: LDSJob, text: str, queries_digest: str) -> str:
-    """File stem of one measurement: measurement, MC draws, draw seed, query set and its digest."""
-    return f"{text.replace(':', '-')}_d{job.num_draws}_s{job.measure_seed}_{job.query_set}_{queries_digest}"
+def measurement_key(job, text: str, queries_digest: str) -> str:
+    """File stem of one measurement: measurement, MC draws, draw seed, query set, its digest and
+    the draw stream (``job``: an :class:`LDSJob` or :class:`CounterfactualJob`)."""
+    return (f"{text.replace(':', '-')}_d{job.num_draws}_s{job.measure_seed}_{job.query_set}_{queries_digest}"
+            f"_{TRUTH_STREAM}")
 
 
-def queries_digest(run: Run, job: LDSJob) -> str:
+def measurement_meta(job, text: str) -> dict:
+    """Metadata stored with one model's measurement file."""
+    return {"measurement": text, "num_draws": job.num_draws, "seed": job.measure_seed, "query_set": job.query_set,
+            "draw_stream": TRUTH_STREAM, "draw_offset": TRUTH_OFFSET}
+
+
+def queries_digest(run: Run, job) -> str:
     """Short digest of the query sample file (a redrawn query set gets new measurements)."""
     from attribution.runs import file_digest
 
@@ -214,11 +231,14 @@ def _spec(d: dict):
     return DatasetSpec(**{k: tuple(v) if k == "classes" and v is not None else v for k, v in d.items()})
 
 
-def _fit_subset(out: Path, spec_dict: dict, cfg, subset: list[int], progress, should_stop, device) -> None:
-    """train.train_run's work (same config.json, same loop) on the cached dataset tensors."""
+def _fit_subset(out: Path, spec_dict: dict, cfg, subset: list[int], progress, should_stop, device,
+                images: Optional[Tensor] = None) -> None:
+    """train.train_run's work (same config.json, same loop) on the cached dataset tensors
+    (``images``: the dataset's ``[N, C, H, W]`` when they travelled with a task)."""
     from attribution.train import fit, run_config
 
-    images = _dataset_images(json.dumps(spec_dict, sort_keys=True))
+    if images is None:
+        images = _dataset_images(json.dumps(spec_dict, sort_keys=True))
     config = run_config(_spec(spec_dict), cfg, subset, images.shape[-1], images.shape[1])
     if (out / "config.json").exists():
         if read_json(out / "config.json") != json.loads(json.dumps(config)):
@@ -226,6 +246,15 @@ def _fit_subset(out: Path, spec_dict: dict, cfg, subset: list[int], progress, sh
     else:
         write_json(out / "config.json", config)
     fit(Run(out), images[subset].to(device), cfg, progress=progress, should_stop=should_stop)
+
+
+def retrain_config(run: Run, steps: int, seed: int, warmup_steps: Optional[int] = None):
+    """The run's TrainConfig for a retrained model (``steps``, ``seed``, optional warm-up)."""
+    from attribution.train import TrainConfig
+
+    cfg = replace(TrainConfig(**run.config["train"]), steps=steps, seed=seed,
+                  checkpoint_every=min(RETRAIN_CHECKPOINT_EVERY, steps))
+    return replace(cfg, warmup_steps=warmup_steps) if warmup_steps is not None else cfg
 
 
 def _retrain(run: Run, out: Path, indices: Sequence[int], steps: int, seed: int,
@@ -236,15 +265,10 @@ def _retrain(run: Run, out: Path, indices: Sequence[int], steps: int, seed: int,
     ``train_fn(out, spec_dict, cfg, subset, progress, should_stop, device)`` defaults to
     :func:`_fit_subset`.
     """
-    from attribution.train import TrainConfig
-
     if Run(out).has_model():
         return True
     base = train_indices(run)
-    cfg = replace(TrainConfig(**run.config["train"]), steps=steps, seed=seed,
-                  checkpoint_every=min(RETRAIN_CHECKPOINT_EVERY, steps))
-    if warmup_steps is not None:
-        cfg = replace(cfg, warmup_steps=warmup_steps)
+    cfg = retrain_config(run, steps, seed, warmup_steps)
     (train_fn or _fit_subset)(out, run.dataset_spec(), cfg, sorted(base[i] for i in indices),
                               progress, should_stop, device)
     done = Run(out).has_model()
@@ -269,8 +293,7 @@ def _measure_dir(path: Path, unet, run: Run, job: LDSJob, queries: dict, qd: str
         vals = torch.as_tensor(vals).double().cpu()
         if vals.shape != (queries["images"].shape[0],) or not torch.isfinite(vals).all():
             raise UserError(f"measurement {text} gave invalid values (shape {tuple(vals.shape)}, NaN or inf)")
-        save_tensors(out, {"values": vals}, {"measurement": text, "num_draws": job.num_draws,
-                                             "seed": job.measure_seed, "query_set": job.query_set})
+        save_tensors(out, {"values": vals}, measurement_meta(job, text))
         on_done()
     return True
 
@@ -285,18 +308,26 @@ def run_lds_job(
     device: Optional[torch.device] = None,
     measure_fn: Optional[MeasureFn] = None,
     train_fn=None,
+    executor=None,
 ) -> bool:
     """Retrain (stage "train") and measure (stage "measure") this shard's models. Resumable.
 
     Returns True when this shard's requested stages are complete, False when ``should_stop``
     ended it early (call again to resume). ``progress(done, total, stage)``: training counts
-    optimizer steps, measuring counts (model, measurement) pairs.
+    optimizer steps, measuring counts (model, measurement) pairs. ``executor``: an
+    :class:`attribution.executor.Executor` that is not inline (a local pool or Ray) runs every
+    (subset, seed) unit as a task instead (:func:`attribution.retrain_units.run_lds_units`;
+    no shard, ``measure_fn`` or ``train_fn`` then).
     """
     from attribution.ddpm import default_device
 
     bad = set(stages) - {"train", "measure"}
     if bad:
         raise UserError(f"unknown stage(s) {sorted(bad)}; use train and/or measure")
+    if executor is not None and not executor.inline:
+        from attribution.retrain_units import run_lds_units
+
+        return run_lds_units(run, job, executor, stages, progress, should_stop)
     device = device or default_device()
     jd = job_dir(run, job)
     write_json(jd / "job.json", {**job_args(run, job), "run": str(run.path)})
@@ -382,7 +413,8 @@ def collect_ground_truth(run: Run, job: LDSJob, save: bool = True) -> dict[str, 
         base = load_tensors(base_path)[0]["values"] if base_path.exists() else None
         meta = {**job_args(run, job), "model": run.model_fingerprint(), "queries_digest": qd, "measurement": text, "num_draws": job.num_draws,
                 "measure_seed": job.measure_seed, "query_set": job.query_set,
-                "num_subsets": job.num_subsets, "num_seeds": job.num_seeds}
+                "num_subsets": job.num_subsets, "num_seeds": job.num_seeds,
+                "draw_stream": TRUTH_STREAM, "draw_offset": TRUTH_OFFSET}
         gt = GroundTruth(text, masks, torch.stack(grid), base, meta)
         out[text] = gt
         if save:
@@ -402,13 +434,14 @@ def list_ground_truth(run: Run) -> list[dict]:
             _, meta = load_tensors(p)
         except UserError:
             continue
-        rows.append({"path": str(p), **meta})
+        rows.append({"path": str(p), "draw_stream": LEGACY_STREAM, **meta})
     return rows
 
 
 def load_ground_truth(path: Path, run: Optional[Run] = None) -> GroundTruth:
     """Load one stored ground truth; with ``run``, refuse one built from another model."""
     tensors, meta = load_tensors(Path(path))
+    meta = {"draw_stream": LEGACY_STREAM, **meta}  # files from before the stream was recorded
     if run is not None and meta.get("model") != run.model_fingerprint():
         raise UserError(f"{path} was measured for a different model than {run.path}'s; rebuild it")
     return GroundTruth(meta.get("measurement", Path(path).stem), tensors["masks"].bool(), tensors["values"],
@@ -416,127 +449,26 @@ def load_ground_truth(path: Path, run: Optional[Run] = None) -> GroundTruth:
 
 
 def find_ground_truth(run: Run, measurement: str) -> GroundTruth:
-    """The stored ground truth for ``measurement`` with the most models (then most MC draws)."""
+    """The stored ground truth for ``measurement`` with the most models (then most MC draws, then
+    the current draw stream over the legacy one)."""
     rows = [r for r in list_ground_truth(run) if r.get("measurement") == measurement]
     if not rows:
         raise UserError(f"run {run.path} has no LDS ground truth for {measurement!r}; run `attribution lds` first")
-    best = max(rows, key=lambda r: (r.get("num_subsets", 0) * r.get("num_seeds", 0), r.get("num_draws", 0)))
+    best = max(rows, key=lambda r: (r.get("num_subsets", 0) * r.get("num_seeds", 0), r.get("num_draws", 0),
+                                    r.get("draw_stream") != LEGACY_STREAM))
     return load_ground_truth(Path(best["path"]), run)
 
 
 # ----------------------------------------------------------------------------- counterfactual
 
-
-@dataclass(frozen=True)
-class CounterfactualJob:
-    """Retrain without each method's top-k examples for chosen queries; measure the change."""
-
-    query_indices: tuple[int, ...]
-    k: int
-    num_seeds: int = 1
-    steps: Optional[int] = None  # None: the run's own steps (same procedure as the full model)
-    warmup_steps: Optional[int] = None  # None: the run's learning-rate warm-up
-    measurement: str = "loss"
-    num_draws: int = 1000
-    measure_seed: int = 0
-    random_seed: int = 0
-    query_set: str = "queries"
-    batch_size: int = 256
-
-    def __post_init__(self):
-        if not self.query_indices:
-            raise UserError("choose at least one query")
-        if self.k < 1 or self.num_seeds < 1 or self.num_draws < 1:
-            raise UserError("k, the number of seeds and of MC draws must be positive")
+_COUNTERFACTUAL = ("CounterfactualJob", "counterfactual_removals", "counterfactual_plan", "counterfactual_unit_dir",
+                   "run_counterfactual")
 
 
-def counterfactual_removals(scores: dict[str, Tensor], job: CounterfactualJob, num_train: int) -> dict[str, Tensor]:
-    """``{method: [len(queries), k]}`` indices to remove: top-k by each method, plus "random"."""
-    from attribution.lds import random_removal, top_k_removal
+def __getattr__(name: str):
+    """The counterfactual lives in :mod:`attribution.counterfactual`; its names stay importable here."""
+    if name in _COUNTERFACTUAL:
+        from attribution import counterfactual
 
-    q = torch.as_tensor(job.query_indices)
-    out = {}
-    for name, s in scores.items():
-        if s.dim() != 2 or s.shape[1] != num_train:
-            raise UserError(f"scores of {name} must be [num_queries, {num_train}], got {tuple(s.shape)}")
-        if int(q.max()) >= s.shape[0]:
-            raise UserError(f"query index {int(q.max())} is out of range for {name}'s {s.shape[0]} queries")
-        out[name] = top_k_removal(s[q], job.k)
-    out["random"] = random_removal(num_train, job.k, len(job.query_indices), job.random_seed)
-    return out
-
-
-def run_counterfactual(
-    run: Run,
-    job: CounterfactualJob,
-    scores: dict[str, Tensor],
-    progress: Optional[ProgressFn] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
-    device: Optional[torch.device] = None,
-    measure_fn: Optional[MeasureFn] = None,
-    train_fn=None,
-) -> Optional[dict]:
-    """Train the reference (all data) and the removal models, measure, and report the changes.
-
-    Per method: ``{"mean", "sem", "per_query": [...], "removed": [[k indices] per query]}`` where a
-    query's change is m(model without the removed examples) - m(reference model), both trained
-    with the same recipe and seed, averaged over seeds. Returns None if stopped early.
-    """
-    from attribution.ddpm import default_device
-    from attribution.lds import summarize
-
-    device = device or default_device()
-    n = len(train_indices(run))
-    removals = counterfactual_removals(scores, job, n)
-    steps = job.steps or run.config["train"]["steps"]
-    args = {"model": run.model_fingerprint(), "train": run.config["train"], "steps": steps,
-            "warmup_steps": job.warmup_steps if job.warmup_steps is not None else run.config["train"]["warmup_steps"]}
-    root = run.path / "lds" / f"cf-{config_hash(args)}"
-    write_json(root / "job.json", {**args, "run": str(run.path)})
-    queries, _ = run.load_samples(job.query_set)
-    schedule = run.schedule()
-    fn = measure_fn or _default_measure
-    key = f"{job.measurement.replace(':', '-')}_d{job.num_draws}_s{job.measure_seed}_{job.query_set}"
-
-    plan = [("reference", None, r, list(range(n))) for r in range(job.num_seeds)]
-    for name, idx in removals.items():
-        for qi, q in enumerate(job.query_indices):
-            keep = sorted(set(range(n)) - set(idx[qi].tolist()))
-            for r in range(job.num_seeds):
-                plan.append((name, q, r, keep))
-    rec = _Progress(root / "progress.json", progress)
-    total = len(plan) * (steps + 1)
-
-    def measured(path: Path) -> Tensor:
-        out = path / "measurements" / f"{key}.safetensors"
-        if not out.exists():
-            unet = Run(path).load_unet(device)
-            with torch.no_grad():
-                vals = fn(unet, schedule, queries["images"], job.measurement, job.num_draws, job.measure_seed,
-                          trajectory=queries.get("trajectory"), batch_size=job.batch_size)
-            save_tensors(out, {"values": torch.as_tensor(vals).double().cpu()}, {"measurement": job.measurement})
-        return load_tensors(out)[0]["values"]
-
-    values = {}
-    for i, (name, q, r, keep) in enumerate(plan):
-        tag = "reference" if q is None else f"{name}_q{q}"
-        path = root / f"{tag}_seed_{r}_{config_hash(keep, 10)}"
-        cb = lambda s, _t, _l, base=i * (steps + 1): rec(base + s, total, "counterfactual")  # noqa: E731
-        if not _retrain(run, path, keep, steps, r, cb, should_stop, device, train_fn, job.warmup_steps):
-            return None
-        values[(name, q, r)] = measured(path)
-        rec((i + 1) * (steps + 1), total, "counterfactual", force=True)
-
-    report = {"args": {**asdict(job), **args, "num_train": n}, "methods": {}}
-    for name, idx in removals.items():
-        per_q = []
-        for q in job.query_indices:
-            diffs = [values[(name, q, r)][q] - values[("reference", None, r)][q] for r in range(job.num_seeds)]
-            per_q.append(float(torch.stack(diffs).mean()))
-        res = summarize(torch.tensor(per_q, dtype=torch.float64))
-        report["methods"][name] = {"mean": res.mean, "sem": res.sem, "per_query": per_q,
-                                   "removed": idx.tolist()}
-    report["reference_values"] = {int(q): [float(values[("reference", None, r)][q]) for r in range(job.num_seeds)]
-                                  for q in job.query_indices}
-    write_json(root / f"report_{config_hash(report['args'], 10)}.json", report)
-    return report
+        return getattr(counterfactual, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,15 +1,29 @@
 """Long jobs (training, sampling, building influence / baseline scores) outside the app's script run.
 
 A job is ``(kind, run directory, args)``; its id is a hash of the three, so starting the same job
-again gets the same id and resumes: the work itself is resumable (training checkpoints, artifacts
-cached in the run directory), the job only drives it. Its state lives in one JSON file,
-``<run>/jobs/<id>.json``, written atomically (``runs.write_json``)::
+again gets the same id: a session asking for a job that is queued or running joins it, and a
+finished one is resumed (the work itself is resumable: training checkpoints, artifacts cached in
+the run directory). What each kind does is in :mod:`attribution.job_kinds`. State lives in one
+JSON file, ``<run>/jobs/<id>.json``, written atomically (``runs.write_json``)::
 
-    {"id", "kind", "args", "status": running|done|failed|cancelled|interrupted,
-     "stage", "done", "total", "eta_s", "started", "updated", "stage_started",
-     "error", "worker": {"pid", "mode": thread|process}, "result": {...}}
+    {"id", "kind", "args", "status": queued|running|done|failed|cancelled|interrupted,
+     "owner", "label", "priority": user|background, "needs", "builds", "queued_reason",
+     "stage", "done", "total", "eta_s", "eta_total_s", "stage_index", "num_stages", "plan",
+     "started", "updated", "stage_started", "error", "worker": {"pid", "mode"}, "result"}
 
-Score-producing jobs also save their scores ``[Q, N]`` to ``<run>/jobs/<id>.result.safetensors``.
+Scheduling (many sessions, one run): before it runs, a job asks its kind what it would build
+(``needs``: artifact keys). It waits ("queued") while a running job builds one of those
+artifacts, so an artifact is built by exactly one job and everyone needing it waits for that
+build; it also waits for a build slot (``MAX_BUILDS`` builds at once, at most one of them a
+background warm-up, user jobs first). A job that needs nothing (a re-score on cached artifacts)
+runs at once, whatever else is building. Builds run at a lower CPU priority than the pages.
+
+The influence engine keeps one model per process and hooks its modules while computing
+gradients, so two of its builds never run in one process at once (``SHARED_MODEL_KINDS``): a build
+that starts while this process's engine is building runs in a worker process of its own instead.
+
+Owners: a job records the session that started it (``owner``); :func:`cancel` with ``by=`` refuses
+another session's job (the CLI, ``by=None``, may cancel any).
 
 Workers make no streamlit calls. Three ways to run one:
 - ``start(..., mode="thread")``: a daemon thread of the current process (the app: imports warm);
@@ -22,6 +36,8 @@ process worker); the work stops at the next progress report, keeping what was bu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -30,14 +46,28 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from attribution.errors import UserError
+from attribution.job_estimates import PlanTracker, format_seconds
+from attribution.job_kinds import KINDS
+from attribution.job_schedule import why_wait
 from attribution.runs import config_hash, read_json, write_json
 
 FINAL = ("done", "failed", "cancelled", "interrupted")
+ACTIVE = ("queued", "running")
+SCORE_KINDS = ("influence", "baseline")
+MAX_BUILDS = max(1, int(os.environ.get("ATTRIBUTION_MAX_BUILDS", min(2, os.cpu_count() or 1))))
+NICE = {"user": 5, "background": 10}  # CPU priority of a building worker thread (pages stay at 0)
+# Kinds whose builds share one model per process (the influence engine caches the run's U-Net and
+# hooks its modules while computing gradients): two such builds never run in one process at once.
+# A second one starts in a worker process of its own instead, so it runs beside the first.
+SHARED_MODEL_KINDS = {"influence"}
 _THREADS: dict[str, threading.Thread] = {}  # job id -> worker thread of this process
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # guards admission and start in this process (with a file lock across processes)
+_CHANGED = threading.Condition()  # notified whenever a job of this process ends or is admitted
+_LOCK_DEPTH = {"n": 0, "fh": None}
+_JOINERS: dict[str, set] = {}  # job id -> other sessions of this process that asked for the same job
 
 
 class JobCancelled(Exception):
@@ -67,14 +97,45 @@ def _cancel_marker(run_dir: Path, jid: str) -> Path:
     return jobs_dir(run_dir) / f"{jid}.cancel"
 
 
+def _active_marker(run_dir: Path, jid: str) -> Path:
+    return jobs_dir(run_dir) / "active" / jid
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """This process's lock plus an exclusive ``flock`` on ``<run>/jobs/.lock`` (re-entrant)."""
+    with _LOCK:
+        if _LOCK_DEPTH["n"] == 0:
+            jobs_dir(run_dir).mkdir(parents=True, exist_ok=True)
+            fh = open(jobs_dir(run_dir) / ".lock", "a")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            _LOCK_DEPTH["fh"] = fh
+        _LOCK_DEPTH["n"] += 1
+        try:
+            yield
+        finally:
+            _LOCK_DEPTH["n"] -= 1
+            if _LOCK_DEPTH["n"] == 0:
+                fh, _LOCK_DEPTH["fh"] = _LOCK_DEPTH["fh"], None
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                fh.close()
+
+
+def _notify() -> None:
+    with _CHANGED:
+        _CHANGED.notify_all()
+
+
 # ----------------------------------------------------------------------------- progress
 
 
 class JobProgress:
     """Callable progress reporter persisted to the job's JSON file.
 
-    ``progress(done, total, stage)`` (influence / baselines style). Writes at most every
-    ``min_interval`` seconds, and always on a stage change or when a stage completes. Raises
+    ``progress(done, total, stage)`` (influence / baselines style). Follows the job's plan
+    (:class:`attribution.job_estimates.PlanTracker`): ``stage_index`` of ``num_stages``, the
+    stage's ``eta_s`` and the job's ``eta_total_s``. Writes at most every ``min_interval``
+    seconds, and always on a stage change or when a stage completes. Raises
     :class:`JobCancelled` once the cancel marker exists.
     """
 
@@ -82,6 +143,12 @@ class JobProgress:
         self.run_dir, self.jid, self.state = Path(run_dir), jid, state
         self.min_interval = min_interval
         self._last_write = 0.0
+        self.tracker: Optional[PlanTracker] = None
+
+    def set_plan(self, plan: list[dict]) -> None:
+        self.state["plan"] = plan
+        self.state["num_stages"] = len(plan)
+        self.tracker = PlanTracker(plan, self.run_dir) if self.state["kind"] != "warmup" else None
 
     def cancelled(self) -> bool:
         return _cancel_marker(self.run_dir, self.jid).exists()
@@ -96,13 +163,25 @@ class JobProgress:
         now = time.time()
         s = self.state
         stage = str(stage or s.get("stage") or self.state["kind"])
-        changed = stage != s.get("stage")
+        changed = stage != s.get("stage") or float(done) < float(s.get("done") or 0)
         if changed:
             s["stage_started"] = now
-            s.setdefault("stages", []).append(stage)
+            if stage != s.get("stage"):
+                s.setdefault("stages", []).append(stage)
         s.update(stage=stage, done=float(done), total=float(total), updated=now)
-        elapsed = now - s["stage_started"]
-        s["eta_s"] = elapsed / done * (total - done) if done > 0 and total >= done else None
+        if self.tracker is not None:
+            est = self.tracker.report(done, total, stage, now)
+            entry = self.tracker.plan[est["stage_index"] - 1]
+            s["overall_fraction"] = max(float(s.get("overall_fraction") or 0.0), _overall_fraction(
+                self.tracker.plan, est, float(done) / float(total) if total else 0.0))  # one bar, never back
+            s.update(eta_s=est["stage_left_s"], eta_total_s=est["total_left_s"], stage_total_s=est["stage_total_s"],
+                     stage_index=est["stage_index"], num_stages=est["num_stages"],
+                     stage_label=entry.get("name") or stage)
+        else:  # no plan (or a warm-up: one step per sub-job, whose own records carry the estimates)
+            elapsed = now - s["stage_started"]
+            s["eta_s"] = elapsed / done * (total - done) if done > 0 and total >= done else None
+            if s["kind"] == "warmup":
+                s.update(stage_index=min(int(done) + 1, int(total) or 1), num_stages=int(total) or 1, stage_label=stage)
         if changed or done >= total or now - self._last_write >= self.min_interval:
             self.flush()
 
@@ -111,139 +190,129 @@ class JobProgress:
         write_json(job_path(self.run_dir, self.jid), self.state)
 
 
-# ----------------------------------------------------------------------------- job kinds
+def _overall_fraction(plan: list[dict], est: dict, stage_fraction: float) -> float:
+    """The job's progress 0..1 for one bar that never falls back: time spent over time spent plus
+    the overall estimate left; by stages (k - 1 + fraction) / n while no estimate is known."""
+    k, n = est["stage_index"], max(1, est["num_stages"])
+    spent = sum(float(e.get("seconds") or 0) for i, e in enumerate(plan) if i != k - 1)
+    current = est.get("stage_total_s")
+    if est.get("total_left_s") is not None and current is not None:
+        spent += max(0.0, current - (est.get("stage_left_s") or 0.0))
+        whole = spent + est["total_left_s"]
+        if whole > 0:
+            return min(1.0, spent / whole)
+    return min(1.0, (k - 1 + min(1.0, stage_fraction)) / n)
 
 
-def _query_images(run, query_set: str, query_indices: list[int]):
-    tensors, _ = run.load_samples(query_set)
-    images = tensors["images"]
-    bad = [i for i in query_indices if not 0 <= i < len(images)]
-    if bad:
-        raise UserError(f"query indices {bad} are out of range for sample set {query_set!r} ({len(images)} samples)")
-    return images[list(query_indices)]
+# ----------------------------------------------------------------------------- scheduling
 
 
-def _kind_train(run_dir: Path, args: dict, progress: JobProgress) -> dict:
-    from attribution.data import DatasetSpec
-    from attribution.train import TrainConfig, train_run
-
-    cfg = TrainConfig(**args.get("train", {}))
-    spec = DatasetSpec(**args.get("dataset", {}))
-
-    def on_step(step, total, loss):
-        progress.state["loss"] = float(loss)
-        progress.report(step, total, "train")  # cancellation goes through should_stop (checkpoints)
-
-    finished = {"flag": False}
-
-    def should_stop() -> bool:
-        finished["flag"] = progress.cancelled()
-        return finished["flag"]
-
-    train_run(run_dir, spec, cfg, progress=on_step, should_stop=should_stop)
-    if finished["flag"]:
-        raise JobCancelled("training stopped at a checkpoint; start the job again to resume")
-    return {"steps": cfg.steps, "final_loss": progress.state.get("loss")}
+def _new_state(kind: str, args: dict, jid: str, mode: str, owner: Optional[str] = None,
+               label: Optional[str] = None, priority: str = "user", status: str = "running") -> dict:
+    now = time.time()
+    return {"id": jid, "kind": kind, "args": args, "status": status, "stage": "starting",
+            "stages": [], "done": 0.0, "total": 1.0, "eta_s": None, "eta_total_s": None, "started": now,
+            "queued_at": now, "updated": now, "stage_started": now, "error": None, "result": None,
+            "owner": owner, "label": label, "priority": priority, "needs": [], "builds": [], "plan": [],
+            "stage_index": None, "num_stages": None, "queued_reason": None,
+            "worker": {"pid": os.getpid(), "mode": mode}}
 
 
-def _kind_sample(run_dir: Path, args: dict, progress: JobProgress) -> dict:
-    import torch
-
-    from attribution.ddpm import default_device, sample
-    from attribution.runs import open_run
-
-    n, seed = int(args.get("n", 16)), int(args.get("seed", 0))
-    if not 1 <= n <= 10_000:
-        raise UserError(f"number of samples must be between 1 and 10000, got {n}")
-    run = open_run(run_dir)
-    device = torch.device(args["device"]) if args.get("device") else default_device()
-    unet = run.load_unet(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = sample(unet, run.schedule(), n, gen, return_trajectory=bool(args.get("trajectory")),
-                 batch_size=int(args.get("batch_size", 64)),
-                 progress=lambda d, t: progress(d, t, f"sample on {device}"))
-    name = args.get("name") or f"seed{seed}_n{n}"
-    run.save_samples(name, out.images, out.trajectory, {"seed": seed, "n": n, "device": str(device)})
-    return {"name": name, "n": n, "device": str(device)}
+def active_jobs(run_dir: Path) -> list[dict]:
+    """The run's queued and running jobs (stale markers of dead workers are removed)."""
+    d = jobs_dir(run_dir) / "active"
+    out = []
+    for marker in sorted(d.iterdir()) if d.is_dir() else []:
+        state = status(run_dir, marker.name)
+        if state is not None and state["status"] in ACTIVE:
+            out.append(state)
+        else:
+            marker.unlink(missing_ok=True)
+    return out
 
 
-def _kind_influence(run_dir: Path, args: dict, progress: JobProgress):
-    from attribution.influence import InfluenceSettings, influence_scores
-    from attribution.runs import open_run
-
-    run = open_run(run_dir)
-    settings = InfluenceSettings(**args["settings"])
-    scores = influence_scores(run, args["query_set"], list(args["query_indices"]), settings, progress=progress)
-    return {"shape": list(scores.shape)}, scores
+ENGINE_KEY = "gradients on the engine's model in process"
 
 
-def _kind_baseline(run_dir: Path, args: dict, progress: JobProgress):
-    from attribution import baselines
-    from attribution.runs import open_run
-
-    run = open_run(run_dir)
-    images = _query_images(run, args["query_set"], list(args["query_indices"]))
-    method = args["method"]
-    if method in ("trak", "dtrak"):
-        kw = {k: args[k] for k in ("proj_dim", "damping") if args.get(k) is not None}
-        scores = baselines.trak_scores(run, images, variant=method, progress=progress, **kw)
-    elif method == "clip":
-        scores = baselines.clip_scores(run, images, progress=progress)
-    elif method == "pixel":
-        scores = baselines.pixel_scores(run, images)
-    else:
-        raise UserError(f"unknown baseline {method!r}; choose trak, dtrak, clip or pixel")
-    return {"shape": list(scores.shape)}, scores
+def _engine_key() -> str:
+    return f"{ENGINE_KEY} {os.getpid()}"
 
 
-def _kind_regenerate(run_dir: Path, args: dict, progress: JobProgress) -> dict:
-    from attribution.regen_job import run_job
+def built_artifacts(state: dict) -> list[str]:
+    """The artifacts a job built (its ``builds`` without the engine's per-process lock)."""
+    return [k for k in state.get("builds") or [] if not k.startswith(ENGINE_KEY)]
 
-    return run_job(run_dir, args, progress)
 
-
-KINDS: dict[str, Callable] = {
-    "train": _kind_train,
-    "sample": _kind_sample,
-    "influence": _kind_influence,
-    "baseline": _kind_baseline,
-    "regenerate": _kind_regenerate,
-}
+def _admit(run_dir: Path, kind: str, args: dict, progress: JobProgress) -> None:
+    """Block while the job must wait (see the module docstring); then mark it running with the
+    artifacts it builds. Raises :class:`JobCancelled` when cancelled while queued."""
+    state = progress.state
+    while True:
+        if progress.cancelled():
+            raise JobCancelled("cancelled while queued")
+        needs = KINDS[kind].needs(run_dir, args)
+        if needs and kind in SHARED_MODEL_KINDS:
+            needs = needs + [_engine_key()]
+        with _run_lock(run_dir):
+            others = [s for s in active_jobs(run_dir) if s["id"] != state["id"]]
+            why = why_wait(state, needs, others, MAX_BUILDS)
+            now = time.time()
+            if why is None:
+                state.update(status="running", needs=needs, builds=needs, queued_reason=None, waiting_for=[],
+                             started=now, stage_started=now, updated=now)
+                progress.flush()
+                break
+            reason, ids = why
+            if (state["status"], state.get("queued_reason"), state.get("needs")) != ("queued", reason, needs):
+                state.update(status="queued", needs=needs, queued_reason=reason, waiting_for=ids, updated=now)
+                progress.flush()
+        with _CHANGED:
+            _CHANGED.wait(timeout=0.5)
+    _notify()
+    if needs and (state["worker"]["mode"] == "process" or threading.current_thread() is not threading.main_thread()):
+        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's nice value is its own
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE.get(state.get("priority"), 5))
 
 
 # ----------------------------------------------------------------------------- running
 
 
-def _new_state(kind: str, args: dict, jid: str, mode: str) -> dict:
-    now = time.time()
-    return {"id": jid, "kind": kind, "args": args, "status": "running", "stage": "starting",
-            "stages": [], "done": 0.0, "total": 1.0, "eta_s": None, "started": now, "updated": now,
-            "stage_started": now, "error": None, "result": None,
-            "worker": {"pid": os.getpid(), "mode": mode}}
-
-
-def execute(kind: str, run_dir: Path, args: dict, mode: str = "foreground") -> dict:
+def execute(kind: str, run_dir: Path, args: dict, mode: str = "foreground", owner: Optional[str] = None,
+            label: Optional[str] = None, priority: str = "user") -> dict:
     """Run a job in this thread to completion (or failure / cancellation); returns its final state.
 
-    Never raises for the job's own errors: they are recorded in ``state["error"]`` (a
-    :class:`UserError`'s message as is; anything else with its type name).
+    Waits first while it must (queued). Never raises for the job's own errors: they are recorded
+    in ``state["error"]`` (a :class:`UserError`'s message as is; anything else with its type name).
     """
     if kind not in KINDS:
         raise UserError(f"unknown job kind {kind!r}; choose one of {', '.join(KINDS)}")
     run_dir = Path(run_dir)
     jid = job_id(kind, args)
-    _cancel_marker(run_dir, jid).unlink(missing_ok=True)
-    state = _new_state(kind, args, jid, mode)
+    prior = status(run_dir, jid)
+    if prior is not None and prior["status"] == "queued" and prior.get("worker", {}).get("pid") == os.getpid():
+        owner, label, priority = prior.get("owner"), prior.get("label"), prior.get("priority", priority)
+        queued_at = prior.get("queued_at")
+    else:
+        _cancel_marker(run_dir, jid).unlink(missing_ok=True)
+        queued_at = None
+    state = _new_state(kind, args, jid, mode, owner, label, priority, status="queued")
+    if queued_at:
+        state["queued_at"] = queued_at
     progress = JobProgress(run_dir, jid, state)
+    _active_marker(run_dir, jid).parent.mkdir(parents=True, exist_ok=True)
+    _active_marker(run_dir, jid).touch()
     progress.flush()
     try:
-        out = KINDS[kind](run_dir, args, progress)
+        _admit(run_dir, kind, args, progress)
+        progress.set_plan(KINDS[kind].plan(run_dir, args, state["builds"]))
+        progress.flush()
+        out = KINDS[kind].run(run_dir, args, progress)
         if isinstance(out, tuple):
             from attribution.runs import save_tensors
 
             out, scores = out
             save_tensors(result_path(run_dir, jid), {"scores": scores.float()}, {"job": jid, "args": args})
-        state.update(status="done", result=out, eta_s=0.0)
+        state.update(status="done", result=out, eta_s=0.0, eta_total_s=0.0)
     except (JobCancelled, KeyboardInterrupt):
         state.update(status="cancelled", error="cancelled; start the same job again to resume")
     except UserError as exc:
@@ -253,41 +322,61 @@ def execute(kind: str, run_dir: Path, args: dict, mode: str = "foreground") -> d
 
         state.update(status="failed", error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
                      traceback=traceback.format_exc())
+    if progress.tracker is not None:
+        progress.tracker.close()
     state["updated"] = time.time()
     progress.flush()
     _cancel_marker(run_dir, jid).unlink(missing_ok=True)
+    _active_marker(run_dir, jid).unlink(missing_ok=True)
+    _notify()
     return state
 
 
-def start(kind: str, run_dir: Path, args: dict, mode: str = "thread") -> str:
-    """Start a job in the background (unless the same job is already running); returns its id."""
+def start(kind: str, run_dir: Path, args: dict, mode: str = "thread", owner: Optional[str] = None,
+          label: Optional[str] = None, priority: str = "user") -> str:
+    """Start a job in the background unless the same job is queued or running (then this joins
+    it); returns its id. ``owner``: the session that asks (only it may cancel); ``label``: what
+    the job is for, in words (shown to other sessions); ``priority``: "user" or "background"."""
     if kind not in KINDS:
         raise UserError(f"unknown job kind {kind!r}; choose one of {', '.join(KINDS)}")
     if mode not in ("thread", "process"):
         raise UserError(f"mode must be 'thread' or 'process', got {mode!r}")
+    if priority not in NICE:
+        raise UserError(f"priority must be 'user' or 'background', got {priority!r}")
     run_dir = Path(run_dir)
     jid = job_id(kind, args)
-    with _LOCK:
+    with _run_lock(run_dir):
         current = status(run_dir, jid)
-        if current is not None and current["status"] == "running":
+        if current is not None and current["status"] in ACTIVE:
+            if owner is not None and owner != current.get("owner"):
+                _JOINERS.setdefault(jid, set()).add(owner)
             return jid
-        # Write "running" now, so a poll right after start() never sees the previous final state.
-        write_json(job_path(run_dir, jid), _new_state(kind, args, jid, mode))
+        _JOINERS.pop(jid, None)
+        if mode == "thread" and kind in SHARED_MODEL_KINDS and any(
+                _engine_key() in (s.get("builds") or []) for s in active_jobs(run_dir)) \
+                and KINDS[kind].needs(run_dir, args):
+            mode = "process"  # this process's engine is building: build beside it, not after it
+            # (a re-score, which needs nothing built, stays a thread: it must not pay a start-up)
+        # Write "queued" now, so a poll right after start() never sees the previous final state.
+        state = _new_state(kind, args, jid, mode, owner, label, priority, status="queued")
+        write_json(job_path(run_dir, jid), state)
+        _cancel_marker(run_dir, jid).unlink(missing_ok=True)
+        _active_marker(run_dir, jid).parent.mkdir(parents=True, exist_ok=True)
+        _active_marker(run_dir, jid).touch()
         if mode == "thread":
             t = threading.Thread(target=execute, args=(kind, run_dir, args, "thread"),
                                  name=f"job-{jid}", daemon=True)
             _THREADS[jid] = t
             t.start()
         else:
-            jobs_dir(run_dir).mkdir(parents=True, exist_ok=True)
             log = open(jobs_dir(run_dir) / f"{jid}.log", "ab")
+            extra = json.dumps({"owner": owner, "label": label, "priority": priority})
             proc = subprocess.Popen(
                 [sys.executable, "-m", "attribution.jobs", "exec", kind, "--run", str(run_dir),
-                 "--args", json.dumps(args)],
+                 "--args", json.dumps(args), "--meta", extra],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
             )
-            state = _new_state(kind, args, jid, "process")
             state["worker"]["pid"] = proc.pid
             write_json(job_path(run_dir, jid), state)
     return jid
@@ -315,8 +404,8 @@ def _pid_alive(pid: Optional[int]) -> bool:
 
 
 def status(run_dir: Path, jid: str) -> Optional[dict]:
-    """The job's state, or None if it never ran. A "running" job whose worker is gone reads as
-    "interrupted" (start it again to resume)."""
+    """The job's state, or None if it never ran. A queued or running job whose worker is gone
+    reads as "interrupted" (start it again to resume)."""
     p = job_path(run_dir, jid)
     if not p.exists():
         return None
@@ -324,7 +413,7 @@ def status(run_dir: Path, jid: str) -> Optional[dict]:
         state = read_json(p)
     except UserError:
         return None
-    if state.get("status") == "running" and not _worker_alive(state):
+    if state.get("status") in ACTIVE and not _worker_alive(state):
         state["status"] = "interrupted"
         state["error"] = "the worker stopped (server restart or crash); start the job again to resume"
     return state
@@ -334,22 +423,44 @@ def list_jobs(run_dir: Path) -> list[dict]:
     """All jobs of a run, newest first."""
     d = jobs_dir(run_dir)
     states = [status(run_dir, p.stem) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
-    return sorted((s for s in states if s), key=lambda s: s.get("started", 0), reverse=True)
+    return sorted((s for s in states if s and "kind" in s), key=lambda s: s.get("started", 0), reverse=True)
 
 
-def cancel(run_dir: Path, jid: str) -> bool:
-    """Ask a running job to stop; True if it was running."""
+def may_cancel(state: dict, session: Optional[str]) -> bool:
+    """Whether ``session`` may cancel the job: its own, or one nobody owns."""
+    return state.get("owner") in (None, session)
+
+
+def cancel(run_dir: Path, jid: str, by: Optional[str] = None) -> bool:
+    """Ask a queued or running job to stop; True if it was asked. ``by``: the asking session
+    (another session's job is refused); None = the operator (CLI)."""
     state = status(run_dir, jid)
-    if state is None or state["status"] != "running":
+    if state is None or state["status"] not in ACTIVE:
         return False
-    write_json(_cancel_marker(run_dir, jid), {"requested": time.time()})
+    if by is not None and not may_cancel(state, by):
+        return False
+    write_json(_cancel_marker(run_dir, jid), {"requested": time.time(), "by": by})
     worker = state.get("worker") or {}
     if worker.get("mode") == "process" and worker.get("pid") != os.getpid():
         try:
             os.kill(int(worker["pid"]), signal.SIGINT)
         except (ProcessLookupError, PermissionError):
             pass
+    _notify()
     return True
+
+
+def cancel_superseded(run_dir: Path, owner: str, kind: str, keep: str) -> list[str]:
+    """Cancel ``owner``'s *queued* user jobs of ``kind`` other than ``keep`` (settings the user
+    passed over, e.g. intermediate slider values); running builds, and jobs another session
+    asked for too, are kept. Returns their ids."""
+    out = []
+    for s in active_jobs(run_dir):
+        if s["kind"] == kind and s["id"] != keep and s["status"] == "queued" and s.get("owner") == owner \
+                and s.get("priority") != "background" and not (_JOINERS.get(s["id"], set()) - {owner}) \
+                and cancel(run_dir, s["id"], by=owner):
+            out.append(s["id"])
+    return out
 
 
 def wait(run_dir: Path, jid: str, timeout: float = 600.0, poll: float = 0.2) -> dict:
@@ -359,9 +470,11 @@ def wait(run_dir: Path, jid: str, timeout: float = 600.0, poll: float = 0.2) -> 
         state = status(run_dir, jid)
         if state is not None and state["status"] in FINAL:
             return state
-        if time.time() > deadline:
+        left = deadline - time.time()
+        if left <= 0:
             raise TimeoutError(f"job {jid} still running after {timeout:.0f} s")
-        time.sleep(poll)
+        with _CHANGED:  # woken at once when a job of this process ends
+            _CHANGED.wait(timeout=min(poll, left))
 
 
 def load_result(run_dir: Path, jid: str):
@@ -372,69 +485,44 @@ def load_result(run_dir: Path, jid: str):
     return load_tensors(p)[0]["scores"] if p.exists() else None
 
 
+def has_result(run_dir: Path, state: dict) -> bool:
+    """A finished job's output is there (score jobs: the scores file)."""
+    return state["kind"] not in SCORE_KINDS or result_path(run_dir, state["id"]).exists()
+
+
 def format_eta(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "estimating…"
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+    return format_seconds(seconds)
+
+
+def time_left(state: dict) -> str:
+    """``"about 1 min 10 s left in this stage, 3 min 05 s overall"`` (or "estimating the time left")."""
+    stage, total = state.get("eta_s"), state.get("eta_total_s")
+    if stage is None:
+        return "estimating the time left"
+    text = f"about {format_seconds(stage)} left in this stage"
+    if (state.get("num_stages") or 1) > 1:
+        text += f", {format_seconds(total) if total is not None else 'estimating the rest'} overall"
+    return text
 
 
 def describe(state: dict) -> str:
-    """One line: ``stage: done/total (pct) — about ETA left``."""
+    """One line: ``stage k of n, name: pct — about ETA left (this stage), ETA overall``."""
     total = state.get("total") or 1
     done = state.get("done") or 0
     pct = 100.0 * done / total if total else 0.0
-    line = f"{state.get('stage')}: {done:g}/{total:g} ({pct:.0f}%)"
+    if state.get("status") == "queued":
+        return f"queued: {state.get('queued_reason') or 'waiting to start'}"
+    k, n = state.get("stage_index"), state.get("num_stages")
+    head = f"stage {k} of {n}, " if k and n else ""
+    line = f"{head}{state.get('stage_label') or state.get('stage')}: {done:g}/{total:g} ({pct:.0f}%)"
     if state.get("status") == "running":
-        line += f" — about {format_eta(state.get('eta_s'))} left"
+        line += f" — {time_left(state)}"
     else:
         line += f" — {state.get('status')}"
     return line
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attribution.jobs",
-                                     description="Run, start, watch and cancel long jobs of a run directory.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, help_ in (("run", "run a job in the foreground (Ctrl-C cancels; run again to resume)"),
-                        ("start", "start a job as a detached background process"),
-                        ("exec", argparse.SUPPRESS)):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("kind", choices=list(KINDS))
-        p.add_argument("--run", required=True, help="run directory (for train: the output directory)")
-        p.add_argument("--args", default="{}", help="job arguments as JSON")
-    p = sub.add_parser("list", help="list a run's jobs")
-    p.add_argument("--run", required=True)
-    p = sub.add_parser("cancel", help="cancel a running job")
-    p.add_argument("--run", required=True)
-    p.add_argument("id")
-    a = parser.parse_args(argv)
-    try:
-        if a.cmd in ("run", "start", "exec"):
-            try:
-                args = json.loads(a.args)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"--args must be JSON ({exc})") from None
-            if a.cmd == "start":
-                print(start(a.kind, Path(a.run), args, mode="process"))
-                return 0
-            state = execute(a.kind, Path(a.run), args, mode="process" if a.cmd == "exec" else "foreground")
-            print(json.dumps({k: state[k] for k in ("id", "status", "error", "result")}))
-            return 0 if state["status"] == "done" else 2
-        if a.cmd == "list":
-            for s in list_jobs(Path(a.run)):
-                print(f"{s['id']}  {s['status']:<11}  {describe(s)}")
-            return 0
-        ok = cancel(Path(a.run), a.id)
-        print("cancel requested" if ok else f"job {a.id} is not running")
-        return 0 if ok else 1
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
+    from attribution.jobs_cli import main
+
     raise SystemExit(main())

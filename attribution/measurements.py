@@ -12,7 +12,12 @@ sign convention of method.md §2 reads the same for all of them and measurement 
                    w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)), and the t = 1 reconstruction
                    term -log p(x_0 | x_1) with Ho et al.'s discretised Gaussian decoder.
                    Importance-weighted MC over t (see :func:`elbo_proposal`).
-- ``elbo-simple``  only the weighted MSE terms sum_{t>1} w_t ||eps - eps_theta||^2 (paper Fig. 18).
+- ``elbo-large``   the same bound with the official code's "fixed_large" reverse variance sigma_t^2 = beta_t
+                   (t > 1; the decoder keeps the clipped small variance, as in Ho et al.'s code), whose
+                   KL terms carry a parameter-free constant besides the weighted MSE.
+- ``elbo-simple``  the paper's ELBO* / official code: sum_{t=0}^{T-1} w'_t ||eps - eps_theta||^2 with
+                   w'_t = beta_t / (2 alpha_t (1 - abar_t)) (= the fixed_large KL weight), t drawn
+                   uniformly over ALL T steps, t = 0 included (estimate: T * w'_t * mse).
 - ``trajectory``   NEGATIVE log-density of the recorded sampling trajectory,
                    -[log p(x_T) + sum_t log N(x_{t-1}; mu_theta(x_t, t), sigma_t^2 I)]; the sum over
                    the T transitions is estimated from ``num_draws`` transitions drawn without
@@ -28,12 +33,24 @@ Common random numbers: the (t, eps) draws of example i depend only on (seed, i),
 model, the batch size or the chunking; the same seed gives the same draws for every model
 (needed for LDS ground truth). ``offset`` shifts i for callers that pass a slice of a dataset
 (an int), or gives each image's global index (a sequence).
+
+:class:`DrawOptions` refines how the draws are made (all defaults = the plain i.i.d. draws):
+- ``scheme``: ``iid`` (t and eps independent per draw and example), ``stratified`` (the K timesteps
+  of an example are stratified: one uniform per stratum of the proposal's CDF), ``common`` (the
+  stratified timesteps AND the noise are shared by every example: keyed by (seed, round) only, so
+  scores of different training examples compare like with like; each example's estimate stays
+  unbiased).
+- ``draw_round``: draws come in rounds with their own generators, so a gradient store grown round
+  by round equals one built in one go with the same rounds.
+- ``hflip``: an independent horizontal flip of x_0 per draw (the training augmentation, paper
+  App. G.8), drawn after t and eps from the same stream, so flip-free draws are unchanged.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -43,7 +60,8 @@ from torch import Tensor
 from attribution.ddpm import Schedule, posterior_mean, predict_eps, q_sample
 from attribution.errors import UserError
 
-MEASUREMENTS = ("loss", "lt", "elbo", "elbo-simple", "trajectory", "square-norm")
+MEASUREMENTS = ("loss", "lt", "elbo", "elbo-large", "elbo-simple", "trajectory", "square-norm")
+ELBOS = ("elbo", "elbo-large", "elbo-simple")
 
 # Share of ELBO draws spent on the t = 1 reconstruction term (the rest is spread over the KL
 # terms proportionally to w_t). Any share in (0, 1) gives an unbiased estimate.
@@ -73,35 +91,114 @@ def parse_measurement(text: str) -> Measurement:
     if s in MEASUREMENTS and s != "lt":
         return Measurement(s)
     raise UserError(
-        f"unknown measurement {text!r}; choose loss, lt:T (0-indexed timestep), elbo, elbo-simple, "
+        f"unknown measurement {text!r}; choose loss, lt:T (0-indexed timestep), elbo, elbo-large, elbo-simple, "
         "trajectory or square-norm"
     )
+
+
+class DrawScheme(str, Enum):
+    """How the (t, eps) draws of the examples relate to each other (see the module docstring)."""
+
+    IID = "iid"
+    STRATIFIED = "stratified"
+    COMMON = "common"
+    IMPORTANCE = "importance"  # stratified draws from a timestep proposal (Neyman allocation), reweighted
+
+
+# Timestep bins of the importance proposal, as fractions of T (fine where the loss gradients are large).
+PROPOSAL_EDGES = (0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class DrawOptions:
+    """Refinements of the MC draws; the defaults give the plain i.i.d. draws.
+
+    ``proposal``: for the ``importance`` scheme, the probability of each PROPOSAL_EDGES bin
+    (uniform within a bin); the loss's uniform t is then estimated with weights p(t) / q(t).
+    """
+
+    scheme: str = "iid"
+    hflip: bool = False
+    draw_round: int = 0
+    proposal: Optional[tuple[float, ...]] = None
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "scheme", DrawScheme(str(self.scheme).lower()).value)
+        except ValueError:
+            raise UserError(f"unknown draw scheme {self.scheme!r}; choose iid, stratified, common or importance") \
+                from None
+        if self.draw_round < 0:
+            raise UserError(f"draw rounds are numbered from 0, got {self.draw_round}")
+        if self.proposal is not None:
+            q = tuple(float(x) for x in self.proposal)
+            if len(q) != len(PROPOSAL_EDGES) - 1 or min(q) <= 0:
+                raise UserError(f"a timestep proposal needs {len(PROPOSAL_EDGES) - 1} positive bin weights")
+            object.__setattr__(self, "proposal", tuple(x / sum(q) for x in q))
+
+
+def proposal_pmf(proposal: Sequence[float], T: int) -> Tensor:
+    """Per-timestep probabilities ``[T]`` float64 of a bin proposal (uniform within each bin)."""
+    edges = [round(e * T) for e in PROPOSAL_EDGES]
+    q = torch.zeros(T, dtype=torch.float64)
+    for w, a, b in zip(proposal, edges[:-1], edges[1:]):
+        q[a:b] = w / max(b - a, 1)
+    return q / q.sum()
+
+
+PLAIN_DRAWS = DrawOptions()
+COMMON_KEY = 3 * 10**9  # generator key of the shared draws of the "common" scheme (no example has it)
 
 
 # ----------------------------------------------------------------------------- ELBO weights
 
 
-def elbo_weights(schedule: Schedule) -> Tensor:
+def reverse_variance(schedule: Schedule, kind: str = "small") -> Tensor:
+    """sigma_t^2 of p_theta(x_{t-1} | x_t) per 0-indexed timestep ``[T]``: ``small`` = the posterior
+    variance (our sampler's), ``large`` = beta_t (the official code's ELBO)."""
+    if kind == "small":
+        return schedule.sigma2
+    if kind == "large":
+        return schedule.betas.clone()
+    raise ValueError(kind)
+
+
+def elbo_weights(schedule: Schedule, variance: str = "small") -> Tensor:
     """w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) for t = 1..T-1 (0-indexed), w_0 = 0: ``[T]``.
 
     Index 0 (the paper's t = 1) is the reconstruction term, not a weighted MSE, hence 0 here.
+    ``variance``: the reverse variance sigma_t^2, ``small`` or ``large`` (:func:`reverse_variance`).
     """
-    s2 = schedule.sigma2
+    s2 = reverse_variance(schedule, variance)
     w = schedule.betas**2 / (2 * s2.clamp_min(1e-300) * schedule.alphas * (1 - schedule.alpha_bars))
     w[0] = 0.0
     return w
 
 
-def elbo_proposal(schedule: Schedule, simple: bool) -> Tensor:
+def elbo_simple_weights(schedule: Schedule) -> Tensor:
+    """The official code's ELBO* weights w'_t = beta_t / (2 alpha_t (1 - abar_t)) for every
+    0-indexed t, t = 0 included: ``[T]``."""
+    return schedule.betas / (2 * schedule.alphas * (1 - schedule.alpha_bars))
+
+
+def elbo_kl_constants(schedule: Schedule, variance: str, pixels: int) -> float:
+    """Sum over t = 1..T-1 of the parameter-free part of KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)):
+    0.5 * D * (r - 1 - log r) with r = posterior variance / sigma_t^2 (0 for the small variance)."""
+    r = schedule.sigma2[1:] / reverse_variance(schedule, variance)[1:]
+    return float(0.5 * pixels * (r - 1 - torch.log(r)).sum())
+
+
+def elbo_proposal(schedule: Schedule, kind: str) -> Tensor:
     """Importance proposal q(t) over 0-indexed timesteps ``[T]`` (float64, sums to 1).
 
-    KL terms get mass proportional to w_t; the full ELBO also gives ELBO_DECODER_SHARE to t = 0.
+    ``elbo-simple``: uniform over all T steps (the official code's draw). ``elbo`` / ``elbo-large``:
+    KL terms get mass proportional to w_t, the decoder (t = 0) gets ELBO_DECODER_SHARE.
     """
-    w = elbo_weights(schedule)
-    q = w / w.sum()
-    if not simple:
-        q = q * (1 - ELBO_DECODER_SHARE)
-        q[0] = ELBO_DECODER_SHARE
+    if kind == "elbo-simple":
+        return torch.full((schedule.T,), 1.0 / schedule.T, dtype=torch.float64)
+    w = elbo_weights(schedule, "large" if kind == "elbo-large" else "small")
+    q = w / w.sum() * (1 - ELBO_DECODER_SHARE)
+    q[0] = ELBO_DECODER_SHARE
     return q
 
 
@@ -158,9 +255,11 @@ def example_key(offset, position: int) -> int:
     return int(offset) + position if isinstance(offset, (int, np.integer)) else int(offset[position])
 
 
-def example_generator(seed: int, index: int) -> torch.Generator:
-    """The generator of example ``index``'s draws: a function of (seed, index) only."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, dtype=np.uint32)
+def example_generator(seed: int, index: int, draw_round: int = 0) -> torch.Generator:
+    """The generator of example ``index``'s draws of round ``draw_round``: a function of these only
+    (round 0 keeps the key (seed, index) that the draws always had)."""
+    entropy = [int(seed) & 0xFFFFFFFF, int(index)] + ([int(draw_round)] if draw_round else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
@@ -182,8 +281,22 @@ class DrawPlan:
     per_example: int  # K
 
 
+def _uniforms(K: int, g: torch.Generator, stratified: bool) -> Tensor:
+    """K uniforms in [0, 1) ``[K]`` float64: i.i.d., or one per stratum [k/K, (k+1)/K)."""
+    u = torch.rand(K, generator=g, dtype=torch.float64)
+    return (torch.arange(K, dtype=torch.float64) + u) / K if stratified else u
+
+
+def _inverse_cdf(q: Tensor, u: Tensor) -> Tensor:
+    """Timesteps ``[K]`` with P(t) = q[t] from uniforms ``u`` ``[K]`` (inverse CDF)."""
+    cdf = torch.cumsum(q, 0)
+    cdf = cdf / cdf[-1]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=q.numel() - 1)
+
+
 def _draw_timesteps(
-    m: Measurement, schedule: Schedule, K: int, g: torch.Generator, timesteps: Optional[Sequence[int]]
+    m: Measurement, schedule: Schedule, K: int, g: torch.Generator, timesteps: Optional[Sequence[int]],
+    stratified: bool = False, proposal: Optional[Sequence[float]] = None,
 ) -> tuple[Tensor, Tensor]:
     """Timesteps ``[K]`` and their importance coefficients ``[K]`` (already divided by K)."""
     T = schedule.T
@@ -200,14 +313,26 @@ def _draw_timesteps(
         if not 0 <= m.timestep < T:
             raise UserError(f"measurement lt:{m.timestep}: the timestep must lie in 0..{T - 1}")
         return torch.full((K,), m.timestep, dtype=torch.long), torch.full((K,), 1.0 / K, dtype=torch.float64)
-    if m.name in ("elbo", "elbo-simple"):
-        q = elbo_proposal(schedule, simple=m.name == "elbo-simple")
-        t = torch.multinomial(q, K, replacement=True, generator=g)
-        w = elbo_weights(schedule)
-        # estimator term_t / q(t); a KL term is w_t * mse, a decoder term (t == 0) has weight 1
-        num = torch.where(t == 0, torch.ones_like(w[t]), w[t])
+    if m.name in ELBOS:
+        q = elbo_proposal(schedule, m.name)
+        if stratified:
+            t = _inverse_cdf(q, _uniforms(K, g, True))
+        else:  # the historical draw (kept: shipped ground truth used it)
+            t = torch.multinomial(q, K, replacement=True, generator=g)
+        if m.name == "elbo-simple":
+            num = elbo_simple_weights(schedule)[t]
+        else:  # estimator term_t / q(t); a KL term is w_t * mse, a decoder term (t == 0) has weight 1
+            w = elbo_weights(schedule, "large" if m.name == "elbo-large" else "small")
+            num = torch.where(t == 0, torch.ones_like(w[t]), w[t])
         return t, num / q[t] / K
-    t = torch.randint(0, T, (K,), generator=g)
+    if proposal is not None:  # importance-sampled uniform t: weight (1 / T) / q(t)
+        q = proposal_pmf(proposal, T)
+        t = _inverse_cdf(q, _uniforms(K, g, True))
+        return t, (1.0 / T) / q[t] / K
+    if stratified:
+        t = (_uniforms(K, g, True) * T).long().clamp_(max=T - 1)
+    else:
+        t = torch.randint(0, T, (K,), generator=g)
     return t, torch.full((K,), 1.0 / K, dtype=torch.float64)
 
 
@@ -221,8 +346,10 @@ def draw_plan(
     trajectory: Optional[Tensor] = None,
     timesteps: Optional[Sequence[int]] = None,
     offset=0,
+    options: DrawOptions = PLAIN_DRAWS,
 ) -> DrawPlan:
-    """The rows for ``images[indices]`` (their draws keyed by :func:`example_key`)."""
+    """The rows for ``images[indices]`` (their draws keyed by :func:`example_key`, ``options``'s
+    round and, for the ``common`` scheme, shared by all examples)."""
     if num_draws < 1:
         raise UserError(f"the number of MC draws must be >= 1, got {num_draws}")
     T = schedule.T
@@ -239,7 +366,7 @@ def draw_plan(
         K = min(num_draws, T)
         xs, ts, tg, cf, const = [], [], [], [], []
         for i in idx:
-            g = example_generator(seed, example_key(offset, i))
+            g = example_generator(seed, example_key(offset, i), options.draw_round)
             s = torch.arange(T) if K == T else torch.randperm(T, generator=g)[:K].sort().values
             xs.append(trajectory[s, i])
             tg.append(trajectory[s + 1, i])
@@ -250,19 +377,34 @@ def draw_plan(
         return DrawPlan("traj", torch.cat(xs).double(), torch.cat(ts), torch.cat(tg).double(),
                         torch.cat(cf), torch.stack(const), K)
     K = num_draws
+    common = options.scheme == DrawScheme.COMMON.value
+    stratified = options.scheme != DrawScheme.IID.value
     xs, ts, tg, cf = [], [], [], []
+    shared = None
     for b, i in enumerate(idx):
-        g = example_generator(seed, example_key(offset, i))
-        t, c = _draw_timesteps(m, schedule, K, g, timesteps)
-        eps = torch.randn((K, *shape), generator=g, dtype=torch.float64)
-        x_t = q_sample(schedule, x0[b:b + 1].expand(K, *shape), t, eps)
+        if shared is None or not common:
+            g = example_generator(seed, COMMON_KEY if common else example_key(offset, i), options.draw_round)
+            use_q = options.proposal if options.scheme == DrawScheme.IMPORTANCE.value and m.name in (
+                "loss", "square-norm") and timesteps is None else None
+            t, c = _draw_timesteps(m, schedule, K, g, timesteps, stratified, use_q)
+            eps = torch.randn((K, *shape), generator=g, dtype=torch.float64)
+            flip = torch.rand(K, generator=g) < 0.5 if options.hflip else None
+            shared = (t, c, eps, flip)
+        t, c, eps, flip = shared
+        x0_b = x0[b:b + 1].expand(K, *shape)
+        if flip is not None:
+            x0_b = torch.where(flip.view(-1, 1, 1, 1), x0_b.flip(-1), x0_b)
+        x_t = q_sample(schedule, x0_b, t, eps)
         xs.append(x_t)
         ts.append(t)
         cf.append(c)
-        tg.append(torch.where((t == 0).view(-1, 1, 1, 1), x0[b:b + 1].expand(K, *shape), eps)
-                  if m.name == "elbo" else eps)
-    kind = {"elbo": "elbo", "square-norm": "sqnorm"}.get(m.name, "mse")
-    const = prior_kl(schedule, x0) if m.name == "elbo" else torch.zeros(len(idx), dtype=torch.float64)
+        tg.append(torch.where((t == 0).view(-1, 1, 1, 1), x0_b, eps) if m.name in ("elbo", "elbo-large") else eps)
+    kind = {"elbo": "elbo", "elbo-large": "elbo", "square-norm": "sqnorm"}.get(m.name, "mse")
+    if m.name in ("elbo", "elbo-large"):
+        variance = "large" if m.name == "elbo-large" else "small"
+        const = prior_kl(schedule, x0) + elbo_kl_constants(schedule, variance, math.prod(shape))
+    else:
+        const = torch.zeros(len(idx), dtype=torch.float64)
     return DrawPlan(kind, torch.cat(xs), torch.cat(ts), torch.cat(tg), torch.cat(cf), const, K)
 
 
@@ -328,6 +470,7 @@ def measurement_values(
     batch_size: int = 256,
     timesteps: Optional[Sequence[int]] = None,
     offset=0,
+    options: DrawOptions = PLAIN_DRAWS,
 ) -> Tensor:
     """MC estimate of m(theta, x) for each image: ``[B]`` float64 (common random numbers by seed).
 
@@ -340,7 +483,7 @@ def measurement_values(
     K = min(num_draws, schedule.T) if m.name == "trajectory" else num_draws
     try:
         for group in example_groups(images.shape[0], K, batch_size):
-            plan = draw_plan(schedule, images, m, num_draws, seed, group, trajectory, timesteps, offset)
+            plan = draw_plan(schedule, images, m, num_draws, seed, group, trajectory, timesteps, offset, options)
             owner = torch.arange(len(group)).repeat_interleave(plan.per_example)
             vals = plan.const.clone()
             for start in range(0, owner.numel(), batch_size):

@@ -15,10 +15,13 @@ half-written artifact behind. Tensors are stored with safetensors, never pickle.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -139,12 +142,13 @@ class Run:
         return config_hash([file_digest(f) for f in files])
 
     def load_unet(self, device: Optional[torch.device] = None):
-        """The run's (EMA) U-Net in eval mode."""
-        from attribution.ddpm import load_pretrained
+        """The run's (EMA) U-Net in eval mode: a private copy (callers may move or cast it).
 
+        Read from disk once per process and weights version (:func:`_cached_unet`), so many
+        sessions or jobs asking at once share one load."""
         if not self.has_model():
             raise UserError(f"run {self.path} has no trained model yet; train it first")
-        unet = load_pretrained(str(self.model_dir)).eval()
+        unet = copy.deepcopy(_cached_unet(self.model_dir)).eval()
         return unet.to(device) if device is not None else unet
 
     def schedule(self):
@@ -207,6 +211,32 @@ class Run:
         elif read_json(d / "args.json") != json.loads(json.dumps(full, default=str)):
             raise UserError(f"artifact {d} was built with different arguments; delete it and rebuild")
         return d
+
+
+_UNET_LOCK = threading.Lock()
+_UNETS: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()  # (model dir, file stats) -> CPU U-Net
+_UNETS_MAX = 8  # LDS retrains load many models; keep the most recent few
+
+
+def _cached_unet(model_dir: Path):
+    """The U-Net in ``model_dir``, loaded once per process and weights version, behind a lock.
+
+    Keyed by the directory and each file's size and mtime, so retrained weights load afresh.
+    Callers get copies (:meth:`Run.load_unet`); the cached instance stays on the CPU untouched."""
+    from attribution.ddpm import load_pretrained
+
+    d = Path(model_dir).resolve()
+    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(d.iterdir()) if f.is_file())
+    key = (str(d), stats)
+    with _UNET_LOCK:
+        unet = _UNETS.get(key)
+        if unet is None:
+            unet = load_pretrained(str(d)).eval()
+            _UNETS[key] = unet
+            while len(_UNETS) > _UNETS_MAX:
+                _UNETS.popitem(last=False)
+        _UNETS.move_to_end(key)
+        return unet
 
 
 def open_run(path: str | Path) -> Run:

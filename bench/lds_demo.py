@@ -184,7 +184,8 @@ def method_scores(run: Run, q_idx: list[int], only=None):
             continue
         for rel in TRAK_RELATIVE_DAMPINGS:
             def compute():
-                r = trak_attribution(run, images, variant=variant, relative_damping=rel, device=DEVICE)
+                r = trak_attribution(run, images, variant=variant, relative_damping=rel, device=DEVICE,
+                                     query_indices=q_idx)
                 return r.scores, {"damping": r.damping}
 
             try:

@@ -34,6 +34,7 @@ def app_run(micro_run, tmp_path_factory):
 def app(app_run, monkeypatch, tmp_path):
     monkeypatch.setenv("ATTRIBUTION_RUN", str(app_run.path))
     monkeypatch.setenv("ATTRIBUTION_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("ATTRIBUTION_WARMUP", "0")  # its own test (test_sessions.py)
 
     def make(page: str | None = None) -> AppTest:
         at = AppTest.from_file(APP, default_timeout=TIMEOUT)
@@ -223,7 +224,7 @@ def test_upload_valid_image_becomes_query(app, app_run):
 
 
 def _gallery_captions(at) -> list[str]:
-    return [c for img in at.get("image") for c in [getattr(img.proto.imgs[0], "caption", "")] if "τ=" in c]
+    return [c for img in at.get("image") for c in [getattr(img.proto.imgs[0], "caption", "")] if " · τ" in c]
 
 
 def test_attribute_page_scores_then_rescored_quickly(app, app_run):
@@ -255,6 +256,82 @@ def test_attribute_page_scores_then_rescored_quickly(app, app_run):
     picked = at.session_state["a_detail"]
     assert picked != default_pick and at.selectbox(key="a_detail").value == picked
     assert any(f"index **{picked}**" in m.value for m in at.markdown)
+
+
+def test_attribute_captions_have_a_key_and_short_tokens(app, app_run):
+    import re
+
+    pytest.importorskip("attribution.influence")
+    at = app("app_pages/attribute.py")
+    at.toggle(key="a_b").set_value(False).run()
+    _wait_all(app_run.path, timeout=300)
+    at.run()
+    from attribution.attribute_text import CAPTION_KEY
+
+    assert CAPTION_KEY in _texts(at.caption) and CAPTION_KEY.startswith("Captions: rank · training id · label · τ")
+    captions = _gallery_captions(at)
+    assert len(captions) >= 8
+    for c in captions:  # "#1 · 12 · 7 · τ+3.1e-6": tokens break only at " · ", none longer than 10 chars
+        assert re.fullmatch(r"#\d+ · \S+ · \S+ · τ[+-]?[0-9.]+(e-?\d+)?( · ✓)?", c), c
+        assert max(len(t) for t in c.split(" · ")) <= 10, c
+    # the details panel opens on the top proponent; the "details" buttons sit in rows of their own
+    first = next(c for c in captions if c.startswith("#1 "))
+    assert at.selectbox(key="a_detail").value == int(at.session_state["a_detail"])
+    ds_id = first.split(" · ")[1]
+    assert at.selectbox(key="a_detail").format_func(at.selectbox(key="a_detail").value).split(" ")[0].endswith(ds_id)
+
+
+@pytest.mark.parametrize("measurement, words", [
+    ("loss", ["diffusion loss", "proponent"]),
+    ("elbo", ["negative ELBO", "loss-like", "proponent"]),
+    ("trajectory", ["negative log-density", "loss-like"]),
+    ("square-norm", ["not a likelihood"]),
+])
+def test_attribute_sign_legend_follows_the_measurement(app, measurement, words):
+    at = app("app_pages/attribute.py")
+    at.toggle(key="a_b").set_value(False)
+    at.selectbox(key="a_m").set_value(measurement).run()
+    assert not at.exception, at.exception
+    legend = next(c.value for c in at.caption if "τ > 0" in c.value)
+    assert all(w in legend for w in words), legend
+    assert "τ > 0: removing the training image is predicted to increase it" in legend
+
+
+def test_attribute_elbo_defaults_the_approximation_to_the_loss(app, app_run, monkeypatch):
+    at = app("app_pages/attribute.py")
+    at.toggle(key="a_b").set_value(False)
+    assert at.selectbox(key="a_am").value == "same"
+    at.selectbox(key="a_m").set_value("elbo").run()
+    assert at.selectbox(key="a_am").value == "loss"
+    assert any("Fig. 2b" in c.value and "loss's gradient" in c.value for c in at.caption)
+    assert at.session_state["attr_settings"]["approx_measurement"] == "loss"
+    # a choice of the user's own is kept while the measurement stays
+    at.selectbox(key="a_am").set_value("same").run()
+    at.run()
+    assert at.selectbox(key="a_am").value == "same" and not any("Fig. 2b" in c.value for c in at.caption)
+    # back to the loss: "same" again
+    at.selectbox(key="a_m").set_value("elbo").run()
+    at.selectbox(key="a_m").set_value("loss").run()
+    assert at.selectbox(key="a_am").value == "same"
+    # a link straight to the ELBO gets the loss too
+    monkeypatch.setenv("ATTRIBUTION_RUN", str(app_run.path))
+    fresh = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    fresh.switch_page("app_pages/attribute.py")
+    fresh.query_params.update({"a_m": "elbo", "a_b": "false"})
+    fresh.run()
+    assert not fresh.exception, fresh.exception
+    assert fresh.selectbox(key="a_m").value == "elbo" and fresh.selectbox(key="a_am").value == "loss"
+
+
+def test_attribute_status_line_says_what_is_computed_in_plain_words(app, app_run, tmp_path):
+    pytest.importorskip("attribution.influence")
+    at = app("app_pages/attribute.py")
+    at.toggle(key="a_b").set_value(False)
+    at.number_input(key="a_qd").set_value(6).run()  # new query draws: the query gradient is missing
+    text = _texts(at.caption)
+    assert "gradient of the loss for query queries[0] (6 noise draws)" in text, text
+    assert "to build:" not in text and "query_gradients" not in text and "--" not in text
+    _wait_all(app_run.path, timeout=300)
 
 
 def test_attribute_page_bad_measurement_for_query_shows_error(app, app_run):

@@ -16,7 +16,7 @@ from attribution.cli import build_parser, main
 from attribution.influence import clear_cache
 
 FAST = ["--train-draws", "2", "--query-draws", "2", "--factor-draws", "1", "--quiet", "--json"]
-MEASUREMENTS = ["loss", "lt:500", "elbo", "elbo-simple", "trajectory", "square-norm"]
+MEASUREMENTS = ["loss", "lt:500", "elbo", "elbo-large", "elbo-simple", "trajectory", "square-norm"]
 
 
 def _attribute(capsys, *args):
@@ -29,12 +29,20 @@ def _check_output(out: str, queries, top: int, n_train: int):
     data = json.loads(out)
     assert data["config"]
     assert [q["query"] for q in data["queries"]] == list(queries)
+    influence = data["config"]["method"] in ("kfac", "ekfac")
     for q in data["queries"]:
         assert len(q["neutral"]) == min(top, n_train)
+        if influence:  # the stability figures beside the galleries (two rounds of draws or more)
+            st = q["stability"]
+            assert st["rounds_done"] == st["rounds_total"] and not st["preview"]
+            assert -1 <= st["split_half_spearman"] <= 1 and 0 <= st["expected_top_pos"] <= min(top, n_train)
         for kind in ("positive", "negative", "neutral"):
             for e in q[kind]:
-                assert set(e) == {"index", "score", "id", "label"}
+                assert set(e) == ({"index", "score", "id", "label", "se", "rank_interval"} if influence
+                                  else {"index", "score", "id", "label"})
                 assert 0 <= e["index"] < n_train and math.isfinite(e["score"])
+                if influence:
+                    assert e["se"] >= 0 and 1 <= e["rank_interval"][0] <= e["rank_interval"][1] <= n_train
         assert all(e["score"] > 0 for e in q["positive"]) and all(e["score"] < 0 for e in q["negative"])
         assert [e["score"] for e in q["positive"]] == sorted((e["score"] for e in q["positive"]), reverse=True)
     return data

@@ -1,5 +1,6 @@
 """Curvature: K-FAC against exact GGNs where it is provably exact, MC in expectation, exact
-damping, the paper <-> curvlinops scaling (lambda_curvlinops = lambda_paper / D), caching."""
+damping, the paper <-> curvlinops scaling (lambda_curvlinops = lambda_paper; G_sum = D G_mean) checked
+end to end against the dense exact GGN, caching."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from curvlinops import GGNLinearOperator
 
 from attribution.curvature import (
     CurvatureConfig,
+    DensePreconditioner,
     Preconditioner,
     TrainingRows,
     build_factors,
@@ -93,8 +95,8 @@ def test_mc_fisher_matches_ggn_in_expectation():
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
 def test_exact_damping_inverts_damped_operator_in_paper_scaling(method):
-    """Preconditioner(lambda) @ (D * G_curvlinops + lambda I) = I, i.e. it inverts the paper's
-    damped GGN with lambda_curvlinops = lambda / D."""
+    """Preconditioner(lambda) @ (D * G_curvlinops + D * lambda I) = I: lambda is added to the GGN of
+    the pixel-mean loss (the paper's / official code's unit), the gradients are pixel sums."""
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4)).double()
     params = list(model.parameters())
@@ -102,13 +104,13 @@ def test_exact_damping_inverts_damped_operator_in_paper_scaling(method):
     P = sum(p.numel() for p in params)
     op = curvlinops_operator(model, params, data, method=method, fisher="empirical", num_data=N)
     D, lam = 4, 1e-3
-    G_paper = D * _dense(op, P)
+    G_paper = D * _dense(op, P)  # G_sum: squared error summed over the D outputs
     pre = Preconditioner(op, lam, D)
-    M = pre.apply(G_paper + lam * torch.eye(P, dtype=torch.float64))
+    M = pre.apply(G_paper + D * lam * torch.eye(P, dtype=torch.float64))
     torch.testing.assert_close(M, torch.eye(P, dtype=torch.float64), rtol=0, atol=1e-7)
     # another damping reuses the factorisation and is still exact
     pre2 = pre.with_damping(0.5)
-    torch.testing.assert_close(pre2.apply(G_paper + 0.5 * torch.eye(P, dtype=torch.float64)),
+    torch.testing.assert_close(pre2.apply(G_paper + D * 0.5 * torch.eye(P, dtype=torch.float64)),
                                torch.eye(P, dtype=torch.float64), rtol=0, atol=1e-9)
     with pytest.raises(UserError):
         Preconditioner(op, -1.0, D)
@@ -173,3 +175,75 @@ def test_factors_are_cached_in_the_run(micro_run):
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes
     assert m1["fisher_type"] == "empirical" and m2["kfac_approx"] == "reduce"
     assert all(torch.equal(t1[k], t2[k]) for k in t1)
+
+
+# ----------------------------------------------------------------------------- absolute scale, end to end
+
+
+class _OneLayerEps(torch.nn.Module):
+    """eps_theta(x_t, t) = one bias-free layer of x_t (t ignored), with a diffusers-like ``config``.
+
+    For one Linear layer, or one zero-padded Conv2d under K-FAC-expand, the output Hessian of the
+    MSE is a constant multiple of I, so type-2 K-FAC (and EK-FAC) equals the exact GGN."""
+
+    def __init__(self, kind: str, C: int = 2, H: int = 4):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(in_channels=C, out_channels=C, sample_size=H)
+        self.kind = kind
+        self.layer = (torch.nn.Linear(C * H * H, C * H * H, bias=False) if kind == "linear"
+                      else torch.nn.Conv2d(C, C, 3, padding=1, bias=False))
+
+    def forward(self, x, t):
+        from types import SimpleNamespace
+
+        out = self.layer(x.flatten(1)).view_as(x) if self.kind == "linear" else self.layer(x)
+        return SimpleNamespace(sample=out)
+
+
+@pytest.mark.parametrize("kind, method", [("linear", "kfac"), ("linear", "ekfac"), ("conv", "kfac")])
+def test_saved_factors_precondition_like_the_dense_exact_ggn_at_paper_damping(kind, method):
+    """End to end: build_factors -> preconditioner_from_factors equals
+    DensePreconditioner(dense_ggn(...), lambda, D) = (G_sum + D lambda I)^{-1}, where K-FAC is exact.
+
+    lambda = the mean eigenvalue of G_mean = G_sum / D, so the damping is neither negligible nor
+    dominant and every scale factor shows. Verified by breaking the code; each variant fails with
+    the relative error shown (tolerance 1e-8):
+    - damping in the old unit, lambda / D given to curvlinops in Preconditioner: 27;
+    - D dropped (preconditioner_from_factors with output_dim 1, or apply without the / D): 31 (= D - 1);
+    - num_data = N instead of N * draws in build_factors: 0.35 (linear) / 0.20 (conv), and the meta check;
+    - MSELoss(reduction="sum") in curvlinops_operator (G off by D): 0.49.
+    The dense versions of the same mistakes, at the bottom, differ from the truth by > 0.1 as well."""
+    torch.manual_seed(0)
+    unet = _OneLayerEps(kind).double()
+    s = linear_schedule()
+    N, draws = 6, 3
+    x = torch.rand(N, 2, 4, 4, dtype=torch.float64) * 2 - 1
+    D = 2 * 4 * 4
+    cfg = CurvatureConfig(method, "type-2", "expand", draws=draws)
+    tensors, meta = build_factors(unet, s, x, cfg)
+    assert meta["output_dim"] == D and meta["num_data"] == N * draws
+    params = kfac_parameters(unet)
+    G = dense_ggn(unet, s, x, draws, 0, params)  # G_sum, summed-pixel scaling
+    lam = float(torch.linalg.eigvalsh(G).mean()) / D  # paper units: added to G_mean = G_sum / D
+    pre = preconditioner_from_factors(unet, s, tensors, meta, lam)
+    V = torch.randn(4, G.shape[0], dtype=torch.float64)
+    exact = DensePreconditioner(G, lam, D).apply(V)
+
+    def rel(a):
+        return float((a - exact).norm() / exact.norm())
+
+    assert rel(pre.apply(V)) < 1e-8, rel(pre.apply(V))
+    # ... at another damping, through the shared eigendecomposition
+    exact10 = DensePreconditioner(G, 10 * lam, D).apply(V)
+    assert float((pre.with_damping(10 * lam).apply(V) - exact10).norm() / exact10.norm()) < 1e-8
+    # the wrong conventions this test must catch are far off at this damping
+    wrong = {
+        "lambda / D (old unit)": DensePreconditioner(G, lam / D, D).apply(V),
+        "D missing": DensePreconditioner(G / D, lam, 1).apply(V),
+        "num_data = N (G x draws)": DensePreconditioner(draws * G, lam, D).apply(V),
+        "sum-reduced MSE (G x D)": DensePreconditioner(D * G, lam, D).apply(V),
+    }
+    for name, w in wrong.items():
+        assert rel(w) > 0.1, (name, rel(w))

@@ -108,7 +108,8 @@ def test_agrees_with_dattri_lds_semantics_on_random_inputs():
 
 
 def test_agrees_with_installed_dattri():
-    metric = pytest.importorskip("dattri.metric")
+    """dattri (the test extra) is imported, not skipped when missing: a skipped check checks nothing."""
+    from dattri import metric
     g = torch.Generator().manual_seed(3)
     Q, N, M = 4, 30, 10
     masks = draw_subset_masks(N, M, 0.5, 1)
@@ -116,6 +117,37 @@ def test_agrees_with_installed_dattri():
     tau = torch.randn(Q, N, generator=g, dtype=torch.float64)
     theirs, _ = metric.lds(-tau.T, (gt.values.mean(0), torch.tensor(keep_indices(masks))))
     assert torch.allclose(lds(tau, gt).per_query, theirs.double(), atol=1e-10)
+    assert not torch.allclose(lds(-tau, gt).per_query, theirs.double(), atol=1e-3)  # the sign matters
+
+
+def test_exact_retraining_oracle_holds_the_seed_out_of_the_mean():
+    """Seeds that are pure independent noise: each seed against the mean of the OTHER seeds
+    correlates ~0, whereas a leaky mean that includes the held-out seed correlates ~1/sqrt(R)-ish
+    (0.7 for R = 2). The oracle must equal the hand-computed hold-out reference (scipy)."""
+    from scipy.stats import spearmanr
+
+    g = torch.Generator().manual_seed(8)
+    Q, N, M = 8, 30, 40
+    masks = draw_subset_masks(N, M, 0.5, 2)
+    for R in (2, 3):
+        values = torch.randn(R, M, Q, generator=g, dtype=torch.float64)
+        gt = GroundTruth("loss", masks, values)
+        ex = exact_retraining_lds(gt)
+
+        def ref(leaky: bool) -> torch.Tensor:
+            per_q = []
+            for q in range(Q):
+                rhos = []
+                for r in range(R):
+                    pool = values[:, :, q] if leaky else torch.cat([values[:r, :, q], values[r + 1:, :, q]])
+                    rhos.append(spearmanr(values[r, :, q], pool.mean(0)).correlation)
+                per_q.append(sum(rhos) / R)
+            return torch.tensor(per_q, dtype=torch.float64)
+
+        held_out, leaky = ref(False), ref(True)
+        torch.testing.assert_close(ex.per_query, held_out, rtol=0, atol=1e-12)
+        assert abs(ex.mean) < 0.2 and float(leaky.mean()) > 0.5, (R, ex.mean, float(leaky.mean()))
+        assert float((ex.per_query - leaky).abs().min()) > 0.1  # every query tells the two apart
 
 
 def test_exact_retraining_damping_sweep_cross_lds_and_model_correlation():
@@ -298,7 +330,7 @@ def test_cli_lds_lds_score_and_errors(micro_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_lds_with_two_worker_processes(micro_run, capsys):
-    """Two single-threaded shard processes share the units; the parent collects the ground truth."""
+    """A pool of two single-threaded processes trains the units; the parent writes and collects."""
     from attribution import evaluation as ev
 
     argv = ["lds", "--run", str(micro_run.path), "--subsets", "2", "--seeds", "2", "--steps", "2",
@@ -307,5 +339,71 @@ def test_cli_lds_with_two_worker_processes(micro_run, capsys):
     job = ev.LDSJob(num_subsets=2, num_seeds=2, steps=2, warmup_steps=1, measurements=("loss",), num_draws=2,
                     subset_seed=9)
     assert all((ev.unit_dir(micro_run, job, m, r) / "model" / "config.json").exists() for m, r in ev.units(job))
-    assert len(ev.read_progress(micro_run, job)) == 2
+    assert [p["stage"] for p in ev.read_progress(micro_run, job)] == ["retrain and measure"]
     assert ev.collect_ground_truth(micro_run, job, save=False)["loss"].values.shape == (2, 2, 3)
+
+
+# ----------------------------------------------------------------------------- reproducibility nits (issue 15)
+
+
+def test_ground_truth_draws_have_their_own_stream(micro_run):
+    """Query q is measured with keys TRUTH_OFFSET + q: never training example q's draws, and the
+    stream is named in the measurement key and the stored metadata."""
+    from attribution import evaluation as ev
+    from attribution.measurements import measurement_values, parse_measurement
+
+    unet, schedule = micro_run.load_unet(), micro_run.schedule()
+    images = micro_run.load_samples("queries")[0]["images"]
+    got = ev._default_measure(unet, schedule, images, "loss", 4, 0)
+    m = parse_measurement("loss")
+    assert torch.equal(got, measurement_values(unet, schedule, images, m, 4, 0, offset=ev.TRUTH_OFFSET))
+    legacy = measurement_values(unet, schedule, images, m, 4, 0)  # keys 0..Q-1 = training examples' keys
+    assert not torch.allclose(got, legacy)
+    from attribution.influence import QUERY_OFFSET
+
+    assert ev.TRUTH_OFFSET != QUERY_OFFSET and ev.TRUTH_OFFSET > 10 * micro_run.config["train"]["steps"]
+    job = ev.LDSJob(num_subsets=1, num_seeds=1, steps=1, measurements=("loss",), num_draws=2)
+    key = ev.measurement_key(job, "loss", "abcd")
+    assert key.endswith(f"_abcd_{ev.TRUTH_STREAM}") and ev.measurement_meta(job, "loss")["draw_stream"] == ev.TRUTH_STREAM
+
+
+def test_counterfactual_measurements_are_keyed_by_the_query_set(micro_run, tmp_path):
+    import shutil
+
+    from attribution import evaluation as ev
+    from attribution.runs import Run
+
+    shutil.copytree(micro_run.path, tmp_path / "run", ignore=shutil.ignore_patterns("lds", "artifacts"))
+    run = Run(tmp_path / "run")
+    scores = {"oracle": torch.arange(3 * 16, dtype=torch.float64).view(3, 16)}
+    job = ev.CounterfactualJob(query_indices=(0,), k=2, steps=1, num_draws=2)
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(1)
+        return fake_measure(*a, **k)
+
+    first = ev.run_counterfactual(run, job, scores, measure_fn=counting, device=torch.device("cpu"))
+    n_first = len(calls)
+    ev.run_counterfactual(run, job, scores, measure_fn=counting, device=torch.device("cpu"))
+    assert len(calls) == n_first  # cached
+    q, meta = run.load_samples("queries")
+    run.save_samples("queries", 0.5 * q["images"], q.get("trajectory"), meta)  # a redrawn query set
+    second = ev.run_counterfactual(run, job, scores, measure_fn=counting, device=torch.device("cpu"))
+    assert len(calls) == 2 * n_first  # measured again, not read from the old query set's files
+    assert first["args"]["queries_digest"] != second["args"]["queries_digest"]
+    assert first["reference_values"] != second["reference_values"]
+
+
+def test_shipped_legacy_ground_truth_stays_loadable_and_says_its_stream():
+    from pathlib import Path
+
+    from attribution import evaluation as ev
+    from attribution.runs import Run
+
+    demo = Run(Path(__file__).resolve().parents[1] / "demo" / "run")
+    rows = ev.list_ground_truth(demo)
+    assert rows and all(r["draw_stream"] == ev.LEGACY_STREAM for r in rows)
+    gt = ev.find_ground_truth(demo, "loss")
+    assert gt.meta["draw_stream"] == ev.LEGACY_STREAM and gt.num_seeds == 2
+    assert (demo.path / "lds_truth" / "README.md").read_text().count("legacy") >= 1

@@ -87,21 +87,38 @@ def micro_grads(micro_run):
     return unet, s, imgs, q
 
 
-def test_kfac_influence_ranks_correlate_with_dense_exact_ggn_influence(micro_grads):
-    """micro_run restricted to the last up block, conv_out and the mid-block attention (1573
-    parameters): Spearman of K-FAC influence with dense exact-GGN influence, lambda = 1% of the
-    mean GGN eigenvalue, MC Fisher. Measured: expand 0.81, reduce 0.56 (plain gradient dot products: 0.48)."""
+# Spearman of K-FAC influence with dense exact-GGN influence on 19 queries (the 3 samples and the
+# 16 training images, keyed as queries), measured (mean over queries, sem ~0.02-0.07):
+#   last up block + conv_out + mid attention (1573 params): expand 0.80, reduce 0.64, grad dot 0.51;
+#   mid-block attention alone (288 params):                 expand 0.53, reduce 0.58, grad dot 0.30.
+# Every threshold lies above what plain gradient dot products (no curvature) reach, and that is
+# asserted too. K-FAC-reduce averages a conv's inputs over positions, a poor model of a loss summed
+# over them, so on convs it gains least over grad dot (0.13 +- 0.04, paired); on attention it gains
+# 0.28 +- 0.07, which is why the second case exists.
+_RANK_CASES = {
+    "up-block+conv_out+attention": (("up_blocks.1", "conv_out", "mid_block.attentions"),
+                                    {"expand": 0.7, "reduce": 0.58}),
+    "mid-attention": (("mid_block.attentions",), {"expand": 0.42, "reduce": 0.45}),
+}
+
+
+@pytest.mark.parametrize("case", list(_RANK_CASES))
+def test_kfac_influence_ranks_correlate_with_dense_exact_ggn_influence(micro_grads, case):
+    """micro_run restricted to a parameter subset: Spearman of K-FAC influence (MC Fisher) with
+    dense exact-GGN influence at lambda = 1% of the mean GGN-of-the-mean-loss eigenvalue, above
+    thresholds that no-curvature scores (gradient dot products) fail."""
     unet, s, imgs, q = micro_grads
-    prefixes = ("up_blocks.1", "conv_out", "mid_block.attentions")
+    prefixes, threshold = _RANK_CASES[case]
     covered = {id(p) for p in kfac_parameters(unet)}
     names = [n for n, p in unet.named_parameters() if n.startswith(prefixes) and id(p) in covered]
     named = dict(unet.named_parameters())
     S = [named[n] for n in names]
     gtr = per_example_gradients(unet, s, imgs, Measurement("loss"), 4, 0, params=S)
-    gq = per_example_gradients(unet, s, q, Measurement("loss"), 32, 0, params=S, offset=QUERY_OFFSET)
+    gq = per_example_gradients(unet, s, torch.cat([q, imgs]), Measurement("loss"), 32, 0, params=S,
+                               offset=QUERY_OFFSET)
     G = dense_ggn(unet, s, imgs, 4, 0, S)
-    lam = 1e-2 * float(torch.linalg.eigvalsh(G).mean())
-    exact = DensePreconditioner(G, lam).apply(gq) @ gtr.T
+    lam = 1e-2 * float(torch.linalg.eigvalsh(G).mean()) / 64  # paper units: G is the summed-pixel GGN, D = 64
+    exact = DensePreconditioner(G, lam, 64).apply(gq) @ gtr.T
     model = FlatEpsNet(unet)
     sub = [dict(model.named_parameters())["unet." + n] for n in names]
     rho = {}
@@ -110,9 +127,11 @@ def test_kfac_influence_ranks_correlate_with_dense_exact_ggn_influence(micro_gra
         op = curvlinops_operator(model, sub, data, fisher="mc", kfac_type=kt, num_data=data.num_rows,
                                  batch_size_fn=lambda X: X["x"].shape[0])
         rho[kt] = _mean_spearman(Preconditioner(op, lam, 64).apply(gq) @ gtr.T, exact)
-    rho["no curvature (grad dot)"] = _mean_spearman(gq @ gtr.T, exact)
-    print(f"Spearman K-FAC vs dense exact-GGN influence: {rho}")
-    assert rho["expand"] > 0.6 and rho["reduce"] > 0.4, rho
+    no_curvature = _mean_spearman(gq @ gtr.T, exact)
+    print(f"Spearman K-FAC vs dense exact-GGN influence ({case}): {rho}, grad dot {no_curvature:.3f}")
+    for kt, t in threshold.items():
+        assert rho[kt] > t, (kt, rho)
+    assert no_curvature < min(threshold.values()), no_curvature  # the thresholds need the curvature
 
 
 def test_int8_queries_and_float16_store_keep_ranks(micro_run):
@@ -121,7 +140,15 @@ def test_int8_queries_and_float16_store_keep_ranks(micro_run):
     clear_cache()
     settings = InfluenceSettings(**SMALL)
     unet, s = micro_run.load_unet().float(), micro_run.schedule()
-    g32 = per_example_gradients(unet, s, micro_run.dataset().tensors().float(), Measurement("loss"), 4, 0).double()
+    from attribution.measurements import DrawOptions
+
+    imgs = micro_run.dataset().tensors().float()
+    from attribution.influence import draw_options
+
+    base = draw_options(micro_run, settings)
+    g32 = sum(d * per_example_gradients(unet, s, imgs, Measurement("loss"), d, 0,
+                                        options=DrawOptions(base.scheme, False, r, base.proposal)).double()
+              for r, d in enumerate(settings.round_draws)) / settings.train_draws  # the store's draws, directly
     qg = query_gradients(micro_run, "queries", [0, 1, 2], Measurement("loss"), 4, 0)
     pq = preconditioner(micro_run, settings).apply(qg)
     ref = pq @ g32.T
@@ -133,8 +160,13 @@ def test_int8_queries_and_float16_store_keep_ranks(micro_run):
     assert not torch.equal(compress_int8(pq, blocks), pq)
     # the end-to-end option gives the same as the manual round trip
     comp = influence_scores(micro_run, "queries", [0, 1, 2], InfluenceSettings(**SMALL, compress_queries=True))
-    torch.testing.assert_close(comp.double(), store.score(compress_int8(pq, blocks).float()).double(),
-                               rtol=1e-4, atol=1e-3)
+    from attribution.influence import query_gradient_halves
+
+    pre = preconditioner(micro_run, settings)
+    qa, qb = query_gradient_halves(micro_run, "queries", [0, 1, 2], settings)
+    manual = (compress_int8(pre.apply(qa), blocks) + compress_int8(pre.apply(qb), blocks)) / 2
+    torch.testing.assert_close(comp.double(), store.score(manual.float()).double(),
+                               rtol=1e-4, atol=1e-4 * float(comp.abs().max()))
 
 
 def test_int8_store_with_per_tensor_scales(micro_grads, tmp_path):
@@ -183,33 +215,74 @@ def test_top_k_and_guardrails():
     check_scores(torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.5]]))
 
 
+def _half_arrays(store):
+    return [(np.asarray(h.values), np.asarray(h.scales)) for h in store.halves]
+
+
 def test_gradient_store_resumes_after_interruption(micro_grads, tmp_path):
     unet, s, imgs, _ = micro_grads
     unet = copy.deepcopy(unet).float()
     imgs = imgs.float()
     m = Measurement("loss")
-    full = build_gradient_store(tmp_path / "full", unet, s, imgs, m, 2, 0, chunk_size=4)
+    full = build_gradient_store(tmp_path / "full", unet, s, imgs, m, 2, 0, chunk_size=4, rounds=2)
     seen = []
 
     def interrupt(done, total, stage):
         seen.append(done)
-        if done >= 8:
+        if done >= 24:  # 16 rows per round: stop in the middle of round 2
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_gradient_store(tmp_path / "part", unet, s, imgs, m, 2, 0, chunk_size=4, progress=interrupt)
+        build_gradient_store(tmp_path / "part", unet, s, imgs, m, 2, 0, chunk_size=4, progress=interrupt, rounds=2)
     part = GradientStore(tmp_path / "part")
-    assert part.rows_done == 8 and not part.complete
-    with pytest.raises(UserError, match="incomplete"):
-        part.score(torch.zeros(1, part.p))
+    assert part.rounds_done == 1 and len(part.halves) == 1  # round 1 is complete and usable: a preview
     resumed = []
-    done = build_gradient_store(tmp_path / "part", unet, s, imgs, m, 2, 0, chunk_size=4,
+    done = build_gradient_store(tmp_path / "part", unet, s, imgs, m, 2, 0, chunk_size=4, rounds=2,
                                 progress=lambda d, t, st: resumed.append(d))
-    assert resumed[0] == 8 and resumed[-1] == 16  # started at the first unfinished chunk
-    assert np.array_equal(np.asarray(done.values), np.asarray(full.values))
-    assert np.array_equal(np.asarray(done.scales), np.asarray(full.scales))
+    assert resumed[0] == 8 and resumed[-1] == 16  # round 2 restarted at its first unfinished chunk
+    for (va, sa), (vb, sb) in zip(_half_arrays(done), _half_arrays(full)):
+        assert np.array_equal(va, vb) and np.array_equal(sa, sb)
     with pytest.raises(UserError, match="other settings"):
         build_gradient_store(tmp_path / "part", unet, s, imgs, m, 3, 0)
+    empty = build_gradient_store.__globals__["GradientStore"]
+    write_json = build_gradient_store.__globals__["write_json"]
+    (tmp_path / "none").mkdir()
+    write_json(tmp_path / "none" / "store.json", full.meta)
+    write_json(tmp_path / "none" / "progress.json", {"rounds_done": 0, "rows_done": 0})
+    with pytest.raises(UserError, match="no complete round"):
+        empty(tmp_path / "none").score(torch.zeros(1, full.p))
+
+
+def test_store_grown_in_rounds_equals_one_shot_store(micro_grads, tmp_path):
+    """Progressive refinement: 2 rounds, then 2 more, is bit-identical to 4 rounds in one call, and
+    both equal (to float16 precision) the mean gradient over the same draws computed directly."""
+    from attribution.measurements import DrawOptions
+
+    unet, s, imgs, q = micro_grads
+    unet = copy.deepcopy(unet).float()
+    imgs = imgs.float()
+    m = Measurement("loss")
+    opts = DrawOptions(scheme="common", hflip=True)
+    sched = [2, 2, 3, 3]  # rounds of different sizes: the halves are draw-weighted means
+    grown = build_gradient_store(tmp_path / "grown", unet, s, imgs, m, 0, 5, chunk_size=5, rounds=2, options=opts,
+                                 round_draws=sched)
+    assert grown.rounds_done == 2 and grown.draws_done == 4
+    grown = build_gradient_store(tmp_path / "grown", unet, s, imgs, m, 0, 5, chunk_size=5, rounds=4, options=opts,
+                                 round_draws=sched)
+    once = build_gradient_store(tmp_path / "once", unet, s, imgs, m, 0, 5, chunk_size=5, rounds=4, options=opts,
+                                round_draws=sched)
+    for (va, sa), (vb, sb) in zip(_half_arrays(grown), _half_arrays(once)):
+        assert np.array_equal(va, vb) and np.array_equal(sa, sb)
+    direct = [per_example_gradients(unet, s, imgs, m, d, 5, options=DrawOptions("common", True, r)).double()
+              for r, d in enumerate(sched)]
+    ref = sum(g * d for g, d in zip(direct, sched)) / sum(sched)
+    tol = float(ref.abs().max()) * 2e-3
+    torch.testing.assert_close(once.rows(0, 16).double(), ref, rtol=0, atol=tol)
+    half_a = (direct[0] * 2 + direct[2] * 3) / 5
+    torch.testing.assert_close(once.halves[0].rows(0, 16).double(), half_a, rtol=0, atol=tol)
+    gq = per_example_gradients(unet, s, q.float(), m, 4, 0, offset=QUERY_OFFSET)
+    ta, tb, tau = once.score_halves((gq, gq), gq)
+    torch.testing.assert_close(tau, (ta + tb) / 2, rtol=1e-5, atol=1e-6 * float(tau.abs().max()))
 
 
 SMALL = dict(train_draws=4, query_draws=4, factor_draws=2)
@@ -219,10 +292,12 @@ def test_influence_scores_end_to_end_cached(micro_run):
     clear_cache()
     base = InfluenceSettings(**SMALL, seed=11)  # a seed no other test uses: nothing is cached yet
     assert influence_status(micro_run, "queries", [0, 1], base) == {
-        "store": False, "factors": False, "query_gradients": False}
+        "store": False, "factors": False, "query_gradients": False, "store_rounds_done": 0,
+        "store_rounds_total": 2, "preview": False}
     s1 = influence_scores(micro_run, "queries", [0, 1, 2], base)
     assert influence_status(micro_run, "queries", [0, 1], base) == {
-        "store": True, "factors": True, "query_gradients": True}
+        "store": True, "factors": True, "query_gradients": True, "store_rounds_done": 2,
+        "store_rounds_total": 2, "preview": True}
     assert s1.shape == (3, 16) and torch.isfinite(s1).all()
     t0 = time.perf_counter()
     s2 = influence_scores(micro_run, "queries", [2, 0], base)

@@ -100,7 +100,7 @@ def test_train_job_cancel_keeps_checkpoint_and_resumes(tmp_path):
         s = jobs.status(out, jid2)
         if s["stage"] == "train" and first is None:
             first = s["done"]
-        if s["status"] != "running":
+        if s["status"] not in jobs.ACTIVE:  # queued (admission) or running
             break
         assert time.time() < deadline
         time.sleep(0.02)

@@ -17,6 +17,8 @@ from attribution.measurements import (
     decoder_variance,
     draw_plan,
     discretized_gaussian_nll,
+    elbo_kl_constants,
+    elbo_simple_weights,
     elbo_weights,
     measurement_values,
     parse_measurement,
@@ -77,6 +79,40 @@ def test_elbo_weights_match_gaussian_kl():
     assert w[0] == 0
 
 
+def test_fixed_large_kl_and_official_simple_elbo_weights():
+    """elbo-large: w_t ||eps - eps_theta||^2 + const_t == KL(q || N(mu_theta, beta_t)) exactly; the
+    official ELBO* weight beta_t / (2 alpha_t (1 - abar_t)) is that KL weight for t >= 1, defined at t = 0."""
+    s = linear_schedule()
+    w = elbo_weights(s, "large")
+    g = torch.Generator().manual_seed(6)
+    D = 16
+    x0 = torch.rand(4, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps_pred = eps + 0.3 * torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64)
+    consts = []
+    for ti in [1, 2, 10, 500, 999]:
+        t = torch.full((4,), ti)
+        xt = q_sample(s, x0, t, eps)
+        ab, abp, be, al = s.alpha_bars[ti], s.alpha_bars[ti - 1], s.betas[ti], s.alphas[ti]
+        mu_tilde = abp.sqrt() * be / (1 - ab) * x0 + al.sqrt() * (1 - abp) / (1 - ab) * xt
+        q = torch.distributions.Normal(mu_tilde, ((1 - abp) / (1 - ab) * be).sqrt())
+        p = torch.distributions.Normal(posterior_mean(s, xt, t, eps_pred), be.sqrt())
+        kl = torch.distributions.kl_divergence(q, p).flatten(1).sum(1)
+        const = kl - w[ti] * (eps - eps_pred).pow(2).flatten(1).sum(1)
+        torch.testing.assert_close(const, const[:1].expand(4), rtol=1e-8, atol=1e-10)  # parameter-free
+        consts.append(float(const[0]))
+        official = be / (2 * al * (1 - ab))
+        torch.testing.assert_close(elbo_simple_weights(s)[ti], official, rtol=1e-12, atol=0)
+        torch.testing.assert_close(w[ti], official, rtol=1e-10, atol=0)
+    # the summed constant is the sum of these per-step constants (checked on a short schedule)
+    s20 = linear_schedule(T=20)
+    r = s20.sigma2[1:] / s20.betas[1:]
+    assert elbo_kl_constants(s20, "large", D) == pytest.approx(float((0.5 * D * (r - 1 - r.log())).sum()))
+    assert elbo_kl_constants(s20, "small", D) == 0.0
+    assert elbo_simple_weights(s)[0] == pytest.approx(1 / (2 * float(s.alphas[0])))
+    assert all(c > 0 for c in consts)
+
+
 def test_prior_and_decoder_terms_against_direct_formulas():
     s = linear_schedule()
     g = torch.Generator().manual_seed(2)
@@ -98,31 +134,42 @@ def test_prior_and_decoder_terms_against_direct_formulas():
 
 
 def test_elbo_estimates_match_exhaustive_sum_over_t():
-    """Importance-weighted MC over t agrees with the exhaustive sum over t (same eps law)."""
-    s = linear_schedule(T=20)
-    net = LinearEps(20)
+    """Importance-weighted MC over t agrees with the exhaustive sum over t (same eps law), for the
+    small- and large-variance bounds and the official ELBO* (t = 0 included); i.i.d. and stratified."""
+    from attribution.measurements import DrawOptions
+
+    T = 20
+    s = linear_schedule(T=T)
+    net = LinearEps(T)
     x0 = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1
     g = torch.Generator().manual_seed(4)
     E = 4000
-    exact = prior_kl(s, x0).clone()
+    exact = {"elbo": prior_kl(s, x0).clone(), "elbo-large": prior_kl(s, x0) + elbo_kl_constants(s, "large", 16)}
     simple = torch.zeros(2, dtype=torch.float64)
-    w = elbo_weights(s)
-    for ti in range(20):
+    w = {"elbo": elbo_weights(s), "elbo-large": elbo_weights(s, "large")}
+    ws = elbo_simple_weights(s)
+    for ti in range(T):
         eps = torch.randn(E, 2, 1, 4, 4, generator=g, dtype=torch.float64).flatten(0, 1)
         t = torch.full((E * 2,), ti)
         x0r = x0.repeat(E, 1, 1, 1)
         xt = q_sample(s, x0r, t, eps)
         pred = net(xt, t).sample
-        if ti == 0:
-            term = discretized_gaussian_nll(x0r, posterior_mean(s, xt, t, pred), decoder_variance(s))
-        else:
-            term = w[ti] * (eps - pred).pow(2).flatten(1).sum(1)
-            simple += term.view(E, 2).mean(0)
-        exact += term.view(E, 2).mean(0)
-    est = measurement_values(net, s, x0, Measurement("elbo"), 20000, seed=0)
-    est_s = measurement_values(net, s, x0, Measurement("elbo-simple"), 20000, seed=0)
-    torch.testing.assert_close(est, exact, rtol=0.03, atol=0)
-    torch.testing.assert_close(est_s, simple, rtol=0.03, atol=0)
+        mse = (eps - pred).pow(2).flatten(1).sum(1)
+        simple += (ws[ti] * mse).view(E, 2).mean(0)
+        for k in exact:
+            if ti == 0:
+                term = discretized_gaussian_nll(x0r, posterior_mean(s, xt, t, pred), decoder_variance(s))
+            else:
+                term = w[k][ti] * mse
+            exact[k] += term.view(E, 2).mean(0)
+    for scheme in ("iid", "stratified"):
+        opts = DrawOptions(scheme=scheme)
+        for k in exact:
+            est = measurement_values(net, s, x0, Measurement(k), 20000, seed=0, options=opts)
+            torch.testing.assert_close(est, exact[k], rtol=0.03, atol=0)
+        est_s = measurement_values(net, s, x0, Measurement("elbo-simple"), 20000, seed=0, options=opts)
+        torch.testing.assert_close(est_s, simple, rtol=0.03, atol=0)
+    assert (exact["elbo-large"] - exact["elbo"]).abs().min() > 1.0  # the variance choice matters
 
 
 def test_trajectory_density_against_direct_formula():

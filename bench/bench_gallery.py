@@ -1,0 +1,135 @@
+"""Gallery stability at the defaults, round by round, from a fresh copy of a run.
+
+For two independent seeds it builds everything the default K-FAC gallery needs on a fresh copy of
+the run (factors, timestep proposal, query gradients, the store round by round) and after every
+completed round records: the cumulative wall time of that seed, the two seeds' agreement (mean over
+queries of Spearman and top-16 proponent / opponent overlaps), the split-half prediction of that
+agreement from seed 1 alone, and — when the run ships LDS ground truth for the loss — the LDS of
+seed 1's scores (the paper's Fig. 7: LDS against the number of draws). The rounds double in pairs,
+so this is also the stability-vs-time curve of the progressive gallery.
+
+    OMP_NUM_THREADS=2 python bench/bench_gallery.py --run demo/run --out bench/results/gallery_demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attribution import influence  # noqa: E402
+from attribution.influence import InfluenceSettings, influence_result  # noqa: E402
+from attribution.runs import open_run, write_json  # noqa: E402
+from attribution.stability import agreement  # noqa: E402
+
+
+def fresh_copy(run_dir: Path, root: Path) -> Path:
+    """The run without its derived artifacts (what a fresh clone has)."""
+    dst = root / run_dir.name
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("artifacts", "jobs", "lds", "train_state"))
+    return dst
+
+
+def loss_truth(run):
+    from attribution.evaluation import find_ground_truth
+
+    try:
+        return find_ground_truth(run, "loss")
+    except Exception:  # noqa: BLE001 - no ground truth shipped: the LDS column stays empty
+        return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", default="demo/run")
+    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--method", default="kfac", choices=("kfac", "ekfac"))
+    ap.add_argument("--top", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS)")
+    ap.add_argument("--out", default="bench/results/gallery_demo")
+    ap.add_argument("--work", default=None,
+                    help="keep each seed's per-round scores here (then seeds can run as parallel processes "
+                         "with --only-seed, and a last call without it compares them)")
+    ap.add_argument("--only-seed", type=int, default=None, help="run this seed only and save it to --work")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    src = Path(a.run)
+    n_queries = open_run(src).load_samples("queries")[0]["images"].shape[0]
+    queries = list(range(n_queries))
+    base = InfluenceSettings(method=a.method)
+    rows, per_seed = [], {}
+    work = Path(a.work) if a.work else None
+    seeds = [a.only_seed] if a.only_seed is not None else [int(s) for s in a.seeds.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            saved = work / f"seed{seed}.pt" if work else None
+            if saved is not None and saved.exists() and a.only_seed is None:
+                per_seed[seed] = torch.load(saved, weights_only=False)
+                continue
+            influence.clear_cache()
+            run = open_run(fresh_copy(src, Path(tmp) / f"seed{seed}"))
+            settings = replace(base, seed=seed)
+            t0 = time.perf_counter()
+            per_seed[seed] = []
+            for r in range(1, settings.rounds + 1):
+                res = influence_result(run, "queries", queries, settings, rounds=r, k=a.top)
+                per_seed[seed].append((time.perf_counter() - t0, res))
+                print(f"seed {seed} round {r}/{settings.rounds}: {res.train_draws_done} draws, "
+                      f"{per_seed[seed][-1][0]:.0f} s", flush=True)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(per_seed[seed], saved)
+        if a.only_seed is not None:
+            return 0
+        s1, s2 = sorted(per_seed)
+        gt = loss_truth(open_run(src))
+        for (t1, r1), (t2, r2) in zip(per_seed[s1], per_seed[s2]):
+            ag = agreement(r1.scores, r2.scores, a.top)
+            row = {"round": r1.rounds_done, "train_draws": r1.train_draws_done, "query_draws": base.query_draws,
+                   "seconds_seed1": round(t1, 1), "seconds_seed2": round(t2, 1), **ag}
+            if r1.reliability is not None:
+                q = len(r1.reliability)
+                row["predicted_spearman"] = sum(x.stability for x in r1.reliability) / q
+                row["predicted_top_pos"] = sum(x.expected_top_pos for x in r1.reliability) / q
+                row["predicted_top_neg"] = sum(x.expected_top_neg for x in r1.reliability) / q
+            if gt is not None and gt.num_queries == r1.scores.shape[0]:
+                from attribution.lds import lds
+
+                res = lds(r1.scores.double(), gt)
+                row["lds"], row["lds_sem"] = res.mean, res.sem
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = Path(a.out)
+    settings = base.to_dict()
+    write_json(out.with_suffix(".json"), {"run": a.run, "seeds": a.seeds, "settings": settings,
+                                         "threads": torch.get_num_threads(), "rows": rows})
+    lines = [f"# Gallery stability round by round: {a.run} ({a.method}, defaults)", "",
+             f"Two independent seeds ({a.seeds}) on fresh copies of the run (no artifacts), torch threads "
+             f"{torch.get_num_threads()}. Defaults: {base.train_draws} training draws in rounds "
+             f"{settings and base.round_draws}, {base.query_draws} query draws, {base.factor_draws} factor draws, "
+             f"scheme {base.draw_scheme}, damping {base.damping:g}. Seconds: cumulative wall time of each seed from "
+             "scratch (factors, proposal, query gradients, store rounds). Predicted: from seed 1's split halves alone.",
+             "", "| round | train draws | Spearman | predicted | top-16 prop. | predicted | top-16 opp. | predicted "
+             "| LDS (loss) | s (seed 1) | s (seed 2) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lds_txt = f"{r['lds']:.3f} ± {r['lds_sem']:.3f}" if "lds" in r else "—"
+        lines.append(f"| {r['round']} | {r['train_draws']} | {r['spearman']:.3f} | {r.get('predicted_spearman', float('nan')):.3f} | "
+                     f"{r['top_pos']:.1f} | {r.get('predicted_top_pos', float('nan')):.1f} | {r['top_neg']:.1f} | "
+                     f"{r.get('predicted_top_neg', float('nan')):.1f} | {lds_txt} | {r['seconds_seed1']:.0f} | "
+                     f"{r['seconds_seed2']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
