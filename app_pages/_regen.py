@@ -32,8 +32,10 @@ def _fmt(stat: dict, digits: int = 3, signed: bool = False) -> str:
 def _describe(report: dict) -> str:
     job, rec = report["job"], report["recipe"]
     labels = ", ".join(report["methods"][m]["label"] for m in job["methods"])
-    return (f"k = {job['k']} of {report['num_train']} training images removed per query; {len(report['queries'])} "
-            f"queries of {job['query_set']!r}; {labels}; each model trained {rec['steps']} steps with seed {rec['seed']}")
+    n = len(report["queries"])
+    return (f"k = {job['k']} of {report['num_train']} training images removed per query; {n} "
+            f"{'query' if n == 1 else 'queries'} of {job['query_set']!r}; {labels}; each model trained {rec['steps']} "
+            f"steps with seed {rec['seed']} (the full model: {rec['train']['steps']})")
 
 
 def _results(run: Run, report: dict, images: dict, ds) -> None:
@@ -66,7 +68,7 @@ def _results(run: Run, report: dict, images: dict, ds) -> None:
                      "L2 to the original (mean ± SE)": _fmt(r["l2"], 2),
                      "SSIM to the original": _fmt(r["ssim"], 3),
                      f"change of the {meas}": "—" if m == "reference" else _fmt(r["change"], 3, signed=True)})
-    st.markdown(f"**Over all {len(qs)} queries** (mean ± standard error)")
+    st.markdown(f"**Over {'the 1 query' if len(qs) == 1 else f'all {len(qs)} queries'}** (mean ± standard error)")
     st.dataframe(rows, hide_index=True)
     lines = []
     for pair, v in report["paired"].items():

@@ -40,9 +40,10 @@ def _split(text: Optional[str]) -> tuple[Optional[str], Optional[int]]:
     return text, None
 
 
-def influence_settings(prefix: str, T: int, with_measurement: bool = True) -> dict:
-    """Widgets for the influence settings (keys ``{prefix}_h, _f, _kt, _d, _im, _it, _am, _at``);
-    returns the settings dict of ``attribution.influence.InfluenceSettings``.
+def influence_settings(prefix: str, T: int, with_measurement: bool = True,
+                       label: str = "K-FAC influence settings (start from the Attribute page's; part of the link)") -> dict:
+    """Widgets for the influence settings in an expander (keys ``{prefix}_h, _f, _kt, _d, _im, _it,
+    _am, _at``); returns the settings dict of ``attribution.influence.InfluenceSettings``.
 
     ``with_measurement=False``: the page sets the attributed measurement itself (LDS: the true one).
     """
@@ -63,41 +64,44 @@ def influence_settings(prefix: str, T: int, with_measurement: bool = True) -> di
         _seed(prefix + suffix, value)
 
     k = lambda s: prefix + s  # noqa: E731
-    c1, c2, c3, c4 = st.columns(4)
+    # the URL checks first, outside the (collapsed) expander, so that their warnings are seen
+    measure_opts, approx_opts = list(MEASURE_LABELS), ["same"] + list(MEASURE_LABELS)
+    warned = [check_choice(k("_h"), ["kfac", "ekfac"], "kfac", what="Hessian"),
+              check_choice(k("_f"), ["mc", "empirical"], "mc", what="curvature"),
+              check_choice(k("_kt"), ["expand", "reduce"], "expand", what="K-FAC weight sharing"),
+              check_choice(k("_d"), damping_opts, 1e-8, format_func=_fmt_damping, what="damping"),
+              check_choice(k("_am"), approx_opts, "same", what="approximation measurement"),
+              check_range(k("_at"), 0, T - 1, DEFAULT_T, cast=int, what="timestep")]
+    if with_measurement:
+        warned += [check_choice(k("_im"), measure_opts, "loss", what="measurement"),
+                   check_range(k("_it"), 0, T - 1, DEFAULT_T, cast=int, what="timestep")]
+    box = st.expander(label, expanded=any(warned))
+    c1, c2, c3, c4 = box.columns(4)
     with c1:
-        check_choice(k("_h"), ["kfac", "ekfac"], "kfac", what="Hessian")
         method = st.radio("Hessian", ["kfac", "ekfac"], key=k("_h"), bind="query-params", horizontal=True,
                           help="kfac: K-FAC · ekfac: EK-FAC (K-FAC eigenbasis, re-fitted eigenvalues)")
-        check_choice(k("_f"), ["mc", "empirical"], "mc", what="curvature")
         fisher = st.radio("Curvature", ["mc", "empirical"], key=k("_f"), bind="query-params", horizontal=True,
                           help="mc: MC-Fisher = GGN (the paper's) · empirical: empirical Fisher")
     with c2:
-        check_choice(k("_kt"), ["expand", "reduce"], "expand", what="K-FAC weight sharing")
         kfac_type = st.radio("K-FAC weight sharing", ["expand", "reduce"], key=k("_kt"), bind="query-params",
                              horizontal=True)
-        check_choice(k("_d"), damping_opts, 1e-8, format_func=_fmt_damping, what="damping")
         damping = st.select_slider("Damping λ (log scale)", damping_opts, value=1e-8, key=k("_d"),
                                    bind="query-params", format_func=_fmt_damping)
     measurement = DEFAULTS["measurement"]
     with c3:
         if with_measurement:
-            check_choice(k("_im"), list(MEASURE_LABELS), "loss", what="measurement")
             m = st.selectbox("Measurement (attributed)", list(MEASURE_LABELS), key=k("_im"), bind="query-params",
                              help=" · ".join(f"{a}: {b}" for a, b in MEASURE_LABELS.items()))
             measurement = m
             if m == "lt":
-                check_range(k("_it"), 0, T - 1, DEFAULT_T, cast=int, what="timestep")
                 t = st.slider("Timestep t (0-indexed)", 0, T - 1, DEFAULT_T, key=k("_it"), bind="query-params")
                 measurement = f"lt:{t}"
     with c4:
-        opts = ["same"] + list(MEASURE_LABELS)
-        check_choice(k("_am"), opts, "same", what="approximation measurement")
-        am = st.selectbox("Measurement used in the approximation", opts, key=k("_am"), bind="query-params",
+        am = st.selectbox("Measurement used in the approximation", approx_opts, key=k("_am"), bind="query-params",
                           help="same = the attributed one; paper Fig. 2b: the loss's gradient predicts the "
                                "ELBO's change better than the ELBO's own")
         approx = None if am == "same" else am
         if am == "lt":
-            check_range(k("_at"), 0, T - 1, DEFAULT_T, cast=int, what="timestep")
             at = st.slider("Approximation timestep", 0, T - 1, DEFAULT_T, key=k("_at"), bind="query-params")
             approx = f"lt:{at}"
     return dict(method=method, fisher=fisher, kfac_type=kfac_type, damping=float(damping), measurement=measurement,

@@ -46,8 +46,7 @@ with a:
 with b:
     check_range("c_k", 1, 32, 10, cast=int, what="k")
     k = st.slider("k (top-k overlap, gallery length)", 1, 32, 10, key="c_k", bind="query-params")
-with st.expander("K-FAC influence settings (start from the Attribute page's; part of the link)"):
-    settings = influence_settings("c", run.schedule().T)
+settings = influence_settings("c", run.schedule().T)
 st.caption("K-FAC influence: " + describe(settings))
 if not queries or len(methods) < 1:
     st.info("Pick at least one query and one method.")

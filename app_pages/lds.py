@@ -100,8 +100,7 @@ lds_start_form()
 lds_progress_panel()
 fp = model_fingerprint(run)
 q_all = list(range(gt.num_queries))
-with st.expander("K-FAC influence settings (start from the Attribute page's; part of the link)"):
-    inf_settings = {**influence_settings("l", run.schedule().T, with_measurement=False), "measurement": measurement}
+inf_settings = {**influence_settings("l", run.schedule().T, with_measurement=False), "measurement": measurement}
 st.caption("K-FAC influence: " + describe(inf_settings))
 
 # ----------------------------------------------------------------------------- scores of each method
@@ -247,8 +246,8 @@ for rep in shown:
                                  f"(queries {a.get('query_indices')}, {a.get('steps')} training steps)", height=340)
     st.plotly_chart(fig, width="stretch")
     notes = [n for n in (method_note(x) for x in names_cf) if n]
-    st.caption(f"> 0: the removed images had helped the model produce the query (its {measurement} rises without "
-               f"them). Mean ± SE over {len(a.get('query_indices', []))} queries, {a.get('num_seeds', 1)} seed(s)."
+    st.caption(f"A change above 0: the removed images had helped the model produce the query (its {measurement} rises "
+               f"without them). Mean ± SE over {len(a.get('query_indices', []))} queries, {a.get('num_seeds', 1)} seed(s)."
                + ("".join(f" {n}." for n in notes)))
 
 regen_panel(run, ds)

@@ -44,7 +44,9 @@ pages = max(1, -(-len(index) // per_page))
 check_range("md_page", 1, pages, 1, cast=int, what="page")
 page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="md_page", bind="query-params")
 shown = index[(page - 1) * per_page: page * per_page]
-image_grid(ds.images[shown], [f"#{i} · {ds.ids[i]} · {ds.label_name(int(ds.labels[i]))}" for i in shown],
+st.caption("Under each image: #its position in the training set (the index the scores use) · id: its index in "
+           "the source dataset · its label.")
+image_grid(ds.images[shown], [f"#{i} · id {ds.ids[i].split(':')[-1]} · {ds.label_name(int(ds.labels[i]))}" for i in shown],
            columns=8, size=72)
 
 # ----------------------------------------------------------------------------- training curve

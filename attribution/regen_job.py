@@ -202,7 +202,7 @@ def _method_scores(run: Run, job: RegenJob, method: RemovalMethod, images: Tenso
         return influence_scores(run, job.query_set, list(job.query_indices), settings, progress=progress)
     if method in (RemovalMethod.TRAK, RemovalMethod.DTRAK):
         return baselines.trak_scores(run, images, variant=method.value, relative_damping=job.trak_relative_damping,
-                                     device=device, progress=progress)
+                                     device=device, progress=progress, query_indices=list(job.query_indices))
     if method == RemovalMethod.PIXEL:
         return baselines.pixel_scores(run, images)
     raise UserError(f"{method.value} has no scores")

@@ -148,11 +148,19 @@ def _wait_text(page, text: str, timeout_s: float = 300) -> None:
     page.get_by_text(text).first.wait_for(timeout=timeout_s * 1000)
 
 
-def _done(page, shot: str) -> None:
+def _done(page, shot: str, scroll_to: str | None = None) -> None:
+    """No exception on the page; a screenshot of the whole page (or, with ``scroll_to``, of the
+    viewport scrolled to that text)."""
     page.wait_for_timeout(1500)  # let images and charts render
     exc = page.locator("[data-testid='stException']")
     assert exc.count() == 0, exc.first.inner_text()
     assert page.get_by_text("Page not found").count() == 0
+    if scroll_to is None:  # Streamlit scrolls inside its main block: grow the viewport to all of it
+        height = page.evaluate("document.querySelector(\"[data-testid='stMain']\")?.scrollHeight || 1100")
+        page.set_viewport_size({"width": 1500, "height": min(int(height) + 50, 12000)})
+        page.wait_for_timeout(1500)
+    else:
+        page.get_by_text(scroll_to).first.scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / f"{shot}.png"), full_page=True)
 
 
@@ -265,8 +273,8 @@ def test_counterfactual_regeneration_panel_from_shipped_results(browser, server,
     l2 = report["methods"][first]["l2"]["per_query"][j]
     _wait_text(page, f"without top-{report['job']['k']} {report['methods'][first]['label']} · L2 {l2:.2f}")
     _wait_text(page, "all data, retrained · L2")
-    page.get_by_text("Counterfactual regeneration: what if").first.scroll_into_view_if_needed()
-    _done(page, "pages_digits_regeneration" + ("" if shipped else "_built_by_the_test"))
+    _done(page, "pages_digits_regeneration" + ("" if shipped else "_built_by_the_test"),
+          scroll_to="Counterfactual regeneration: what if")
     ctx.close()
 
 
