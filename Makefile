@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PYTEST  := $(BIN)/python -m pytest
 DEMO    := demo/run
 
-.PHONY: app test test-slow test-browser test-all install demo-run bench lds-demo lds-cifar2 clean-venv
+.PHONY: app test test-slow test-browser test-all install demo-run demo-cifar2 bench bench-gallery lds-demo lds-cifar2 clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,15 @@ demo-run: $(STAMP)
 	    --steps 4000 --seed 0 --out $(DEMO)
 	$(BIN)/attribution sample --run $(DEMO) -n 16 --seed 0 --trajectory --name queries
 
+## Rebuild the shipped CIFAR-2 run from ../shared/data (about 25 minutes on 2 CPU cores).
+CIFAR_NPZ ?= $(abspath $(CURDIR)/../shared/data/cifar10_partial_train.npz)
+demo-cifar2: $(STAMP)
+	test -f $(CIFAR_NPZ) || { echo "no $(CIFAR_NPZ): set CIFAR_NPZ=path/to/cifar10 npz"; exit 2; }
+	$(BIN)/python demo/make_cifar2_subset.py $(CIFAR_NPZ)
+	cd demo/cifar2 && OMP_NUM_THREADS=1 ../../$(BIN)/attribution train --dataset npz --data-path data/train.npz \
+	    --preset tiny --steps 4800 --batch-size 32 --ema-decay 0.995 --hflip --seed 0 --out .
+	OMP_NUM_THREADS=1 $(BIN)/attribution sample --run demo/cifar2 -n 12 --seed 0 --trajectory --name queries
+
 ## Benchmarks (results in bench/results/); minutes each on 2 CPU cores.
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python bench/bench_foundation.py --threads 1 2 --sample-steps 30
@@ -52,17 +61,16 @@ bench: $(STAMP)
 lds-demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/lds_demo.py
 
-## CIFAR-2 LDS benchmark on ../shared/data (resumable; about 1 h on 2 CPU cores). The run and
-## its ground truth stay in runs/cifar2 (git-ignored: the images are not ours to ship).
-CIFAR_NPZ ?= $(abspath $(CURDIR)/../shared/data/cifar10_partial_train.npz)
+## LDS ground truth of the shipped CIFAR-2 run at the paper's retraining rule (half the steps on half the
+## data: 2,400-step retrains), M = 8 subsets x R = 2 paired seeds; resumable (hours on 2 CPU cores).
 lds-cifar2: $(STAMP)
-	test -f $(CIFAR_NPZ) || { echo "no $(CIFAR_NPZ): set CIFAR_NPZ=path/to/cifar10 npz"; exit 2; }
-	OMP_NUM_THREADS=1 $(BIN)/attribution train --dataset npz --data-path $(CIFAR_NPZ) --classes 1,7 --limit 1000 \
-	  --resolution 16 --channels 3 --preset tiny --steps 2500 --hflip --out runs/cifar2
-	test -f runs/cifar2/samples/queries.safetensors || OMP_NUM_THREADS=1 $(BIN)/attribution sample \
-	  --run runs/cifar2 -n 16 --seed 0 --trajectory --name queries
-	OMP_NUM_THREADS=1 $(BIN)/python bench/lds_demo.py --run runs/cifar2 --seeds 1 --steps 400 --warmup-steps 40 \
-	  --only "K-FAC mc expand,TRAK,pixel,CLIP" --no-counterfactual
+	OMP_NUM_THREADS=1 $(BIN)/attribution lds --run demo/cifar2 --subsets 8 --seeds 2 --draws 128 \
+	  --measurements loss,elbo,elbo-simple --workers 2
+
+## Gallery stability at the defaults, two seeds, round by round (bench/results/gallery_*.md).
+bench-gallery: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_gallery.py --run demo/run --out bench/results/gallery_demo
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_gallery.py --run demo/cifar2 --out bench/results/gallery_cifar2
 
 clean-venv:
 	rm -rf $(VENV)
