@@ -24,11 +24,18 @@ from attribution.measurements import (
     Measurement,
     _check_images,
     draw_plan,
+    example_generator,
     example_groups,
+    example_key,
     plan_rows_terms,
 )
 
 ROWS_PER_BATCH = 256  # network evaluations per forward pass
+
+
+def has_dropout(unet) -> bool:
+    """Whether the network has active dropout (e.g. the ho-cifar10 preset's 0.1)."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in unet.modules())
 
 
 def kfac_modules(unet) -> list[torch.nn.Module]:
@@ -150,6 +157,9 @@ def per_example_gradients(
     Draws as in :func:`attribution.measurements.measurement_values` (same seed = same draws, so
     ``grad measurement_values`` is exactly what is returned). ``timesteps``: D-TRAK's fixed
     timesteps, each used equally often (num_draws must be a multiple of their count).
+    ``options.train_mode``: the network runs in train() mode (dropout active, the official code's
+    choice for training gradients); each batch's dropout masks come from a generator keyed by
+    (seed, its first example's key, round), so they are reproducible for the same chunking.
     """
     _check_images(images, unet)
     params, mods = _resolve_params(unet, params)
@@ -159,11 +169,16 @@ def per_example_gradients(
     out = torch.empty(B_all, sum(sizes), dtype=dtype)
     K = min(num_draws, schedule.T) if m.name == "trajectory" else num_draws
     was_training = unet.training
-    unet.eval()
+    unet.train(bool(options.train_mode))
     hooks = _PerExampleGrads(mods)
     try:
         for group in example_groups(B_all, K, rows_per_batch):
             plan = draw_plan(schedule, images, m, num_draws, seed, group, trajectory, timesteps, offset, options)
+            if options.train_mode:  # dropout masks keyed like the draws (restored below by fork_rng)
+                rng = torch.random.fork_rng(devices=[])
+                rng.__enter__()
+                torch.manual_seed(int(example_generator(seed, example_key(offset, group[0]) + 7 * 10**9,
+                                                        options.draw_round).initial_seed()))
             R = plan.x_in.shape[0]
             if len(group) > 1 or R <= rows_per_batch:
                 chunks = [(slice(0, R), len(group))]
@@ -176,6 +191,8 @@ def per_example_gradients(
                     got = hooks.grads(total, B)
                 for k, v in got.items():
                     acc[k] = acc[k] + v if k in acc else v
+            if options.train_mode:
+                rng.__exit__(None, None, None)
             flat = [acc[id(p)].reshape(len(group), -1) if id(p) in acc
                     else torch.zeros(len(group), p.numel(), dtype=dtype) for p in params]
             out[group[0]:group[-1] + 1] = torch.cat(flat, dim=1).to(dtype).cpu()

@@ -150,13 +150,17 @@ def draw_options(run, settings: InfluenceSettings, progress: Progress = None) ->
     scheme the run's timestep proposal, measured once on a pilot and saved with the store)."""
     from attribution.runs import read_json
 
+    from attribution.gradients import has_dropout
+
     hflip = run_hflip(run)
-    if settings.draw_scheme != DrawScheme.IMPORTANCE.value:
-        return DrawOptions(settings.draw_scheme, hflip)
     c = _CACHE.get(run)
+    train_mode = has_dropout(_model(run, c)[0])  # dropout presets: training gradients in train() mode
+    if settings.draw_scheme != DrawScheme.IMPORTANCE.value:
+        return DrawOptions(settings.draw_scheme, hflip, train_mode=train_mode)
     d = _store_dir(run, settings, c)
     if (d / "store.json").exists():
-        return DrawOptions(settings.draw_scheme, hflip, proposal=tuple(read_json(d / "store.json")["proposal"]))
+        return DrawOptions(settings.draw_scheme, hflip, proposal=tuple(read_json(d / "store.json")["proposal"]),
+                           train_mode=train_mode)
     key = ("proposal", str(d))
     if key not in c:
         from attribution.proposal import pilot_proposal
@@ -170,12 +174,17 @@ def draw_options(run, settings: InfluenceSettings, progress: Progress = None) ->
         c[key] = pilot_proposal(unet, schedule, training_images(run, c), pre.apply, settings.seed)
         if progress is not None:
             progress(1, 1, "timestep proposal (pilot)")
-    return DrawOptions(settings.draw_scheme, hflip, proposal=c[key])
+    return DrawOptions(settings.draw_scheme, hflip, proposal=c[key], train_mode=train_mode)
 
 
 def _store_dir(run, settings: InfluenceSettings, c: dict) -> Path:
+    from attribution.gradients import has_dropout
+
     unet, _ = _model(run, c)
-    return run.artifact_dir("grad_store", _store_args(run, settings, num_parameters(kfac_parameters(unet))))
+    args = _store_args(run, settings, num_parameters(kfac_parameters(unet)))
+    if has_dropout(unet):
+        args["train_mode"] = True  # dropout active in the training gradients (the official code's choice)
+    return run.artifact_dir("grad_store", args)
 
 
 def store_rounds_done(run, settings: InfluenceSettings) -> int:
@@ -383,7 +392,8 @@ def _streamed_scores(run, settings, pa, pb, pq, rounds, progress, c):
             stop = min(n, start + chunk)
             g = per_example_gradients(unet, schedule, images[start:stop], TRAINING_LOSS, settings.round_draws[r],
                                       settings.seed, offset=start,
-                                      options=DrawOptions(base.scheme, base.hflip, r, base.proposal))
+                                      options=DrawOptions(base.scheme, base.hflip, r, base.proposal,
+                                                          base.train_mode))
             sums[r % 2][:, start:stop] += settings.round_draws[r] * (stacked[r % 2] @ g.T)
             if progress is not None:
                 progress(r * n + stop, rounds * n, "streaming training gradients")

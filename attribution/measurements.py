@@ -121,6 +121,9 @@ class DrawOptions:
     hflip: bool = False
     draw_round: int = 0
     proposal: Optional[tuple[float, ...]] = None
+    # training-side gradients of a model with dropout are taken in train() mode, as in the official
+    # code; the dropout masks are then drawn from a generator keyed like the draws (gradients.py)
+    train_mode: bool = False
 
     def __post_init__(self):
         try:

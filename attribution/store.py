@@ -220,7 +220,8 @@ def store_meta(n: int, p: int, dtype: str, blocks: list[int], m: Measurement, ro
     return {"version": STORE_VERSION, "n": n, "p": p, "dtype": dtype, "blocks": blocks, "measurement": str(m),
             "round_draws": [int(d) for d in round_draws], "seed": seed, "timesteps": list(timesteps) if timesteps is not None else None,
             "scheme": options.scheme, "hflip": options.hflip,
-            "proposal": list(options.proposal) if options.proposal is not None else None}
+            "proposal": list(options.proposal) if options.proposal is not None else None,
+            **({"train_mode": True} if options.train_mode else {})}
 
 
 def build_gradient_store(
@@ -307,7 +308,8 @@ def _build_round(directory, hdir, nxt, unet, schedule, images, m, num_draws, see
         stop = min(n, start + chunk_size)
         g = per_example_gradients(unet, schedule, images[start:stop], m, num_draws, seed, timesteps=timesteps,
                                   offset=start, rows_per_batch=rows_per_batch or ROWS_PER_BATCH,
-                                  options=DrawOptions(options.scheme, options.hflip, r, options.proposal))
+                                  options=DrawOptions(options.scheme, options.hflip, r, options.proposal,
+                                                      options.train_mode))
         if not torch.isfinite(g).all():
             raise UserError(f"non-finite training gradients in rows {start}..{stop - 1}; check the model")
         if old is not None:  # running mean of this half's draws (prev of them already in ``old``)

@@ -73,7 +73,7 @@ def _arr(v) -> np.ndarray:
     return np.asarray(v)
 
 
-def _wait_all(run_dir: Path, timeout: float = 90.0) -> None:
+def _wait_all(run_dir: Path, timeout: float = 300.0) -> None:
     for s in jobs.list_jobs(run_dir):
         if s["status"] == "running":
             jobs.wait(run_dir, s["id"], timeout=timeout)

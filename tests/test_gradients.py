@@ -90,3 +90,32 @@ def test_fixed_timesteps_and_dtype():
     full = per_example_gradients(unet, s, x, Measurement("loss"), 4, seed=0)
     part = per_example_gradients(unet, s, x[1:], Measurement("loss"), 4, seed=0, offset=1)
     torch.testing.assert_close(full[1:], part, rtol=1e-4, atol=1e-6)
+
+
+def test_training_gradients_of_a_dropout_model_use_train_mode_reproducibly():
+    """Presets with dropout (ho-cifar10) take training gradients in train() mode, as the official
+    code does: dropout changes them, the same seed gives the same masks, and a model without
+    dropout is unaffected by the mode."""
+    from diffusers import UNet2DModel
+
+    from attribution.ddpm import PRESETS, build_unet, linear_schedule
+    from attribution.gradients import has_dropout, per_example_gradients
+    from attribution.measurements import DrawOptions, Measurement
+
+    torch.manual_seed(0)
+    drop = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, dropout=0.5, **PRESETS["micro"]).double().eval()
+    plain = build_unet("micro", 8, 1).double()
+    assert has_dropout(drop) and not has_dropout(plain) and has_dropout(
+        UNet2DModel(sample_size=32, in_channels=3, out_channels=3, **PRESETS["ho-cifar10"]))
+    s = linear_schedule()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    m = Measurement("loss")
+    on = DrawOptions(train_mode=True)
+    a = per_example_gradients(drop, s, x, m, 4, 0, options=on)
+    b = per_example_gradients(drop, s, x, m, 4, 0, options=on)
+    ev = per_example_gradients(drop, s, x, m, 4, 0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - ev).abs().max() > 1e-3 * ev.abs().max()
+    assert not drop.training  # the mode is restored
+    torch.testing.assert_close(per_example_gradients(plain, s, x, m, 4, 0, options=on),
+                               per_example_gradients(plain, s, x, m, 4, 0), rtol=1e-10, atol=1e-12)
