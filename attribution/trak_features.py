@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from attribution.errors import UserError
-from attribution.measurements import DrawOptions, Measurement
+from attribution.measurements import DrawOptions
 from attribution.projection import Projector, make_projector
 from attribution.runs import Run, load_tensors, read_json, save_tensors
 

@@ -74,3 +74,32 @@ def kfac_default(run, seed: int, query_idx: list[int]) -> tuple:
 
 def query_images(run, query_idx: list[int]) -> torch.Tensor:
     return run.load_samples("queries")[0]["images"][query_idx].float()
+
+
+def trak_default(run, variant: str, seed: int, query_idx: list[int], proj_dim=None, rounds=None) -> tuple:
+    """TRAK / D-TRAK at TrakSettings' defaults (seed changed: draws AND projection; ``proj_dim``
+    and ``rounds`` (a preview of the store) optionally changed). TRAK shares K-FAC's store and,
+    through ``query_set``, K-FAC's cached query gradients."""
+    from attribution.trak import TrakSettings, trak_attribution
+
+    kw = {"proj_dim": proj_dim} if proj_dim is not None else {}
+    settings = TrakSettings(variant=variant, seed=seed, **kw)
+
+    def compute():
+        timer = StageTimer()
+        t0 = time.perf_counter()
+        res = trak_attribution(run, query_images(run, query_idx), variant=variant, seed=seed, device="cpu",
+                               query_indices=query_idx, query_set="queries", progress=timer, rounds=rounds, **kw)
+        timer.mark("scores")
+        info = {"seconds": round(time.perf_counter() - t0, 1), "stages": timer.rounded(),
+                "settings": {**settings.__dict__}, "damping": res.damping, "rounds_done": res.rounds_done,
+                "train_draws_done": sum(settings.round_draws[:res.rounds_done])}
+        if res.reliability is not None:
+            n = len(res.reliability)
+            info["predicted_stability"] = sum(r.stability for r in res.reliability) / n
+            info["predicted_top_pos"] = sum(r.expected_top_pos for r in res.reliability) / n
+            info["predicted_top_neg"] = sum(r.expected_top_neg for r in res.reliability) / n
+        return res.scores, info
+
+    args = {"seed": seed, "queries": query_idx, "rounds": rounds, **settings.__dict__}
+    return cached(run, variant, args, compute)
