@@ -5,8 +5,9 @@ training examples of ``run.dataset()``, in dataset order.
 
 Features are randomly projected per-example gradients, ``phi_n = S g_n`` (``S``: seeded
 ``k x P`` projection, :mod:`attribution.projection`), float32 throughout (float16 features
-degrade diffusion TRAK badly, paper Fig. 20). With ``Phi = [phi_1 ... phi_N]^T`` (``[N, k]``)
-the score of training example n for query q is
+degrade diffusion TRAK badly, paper Fig. 20); how they are computed and cached is
+:mod:`attribution.trak_features`. With ``Phi = [phi_1 ... phi_N]^T`` (``[N, k]``) the score of
+training example n for query q is
 
     tau(q, n) = phi_q^T (Phi^T Phi / N + lambda I)^{-1} phi_n                         (1)
 
@@ -22,31 +23,29 @@ the UNnormalised Gram matrix, ``phi_q^T (Phi^T Phi + lambda_trak I)^{-1} phi_n``
 
 (:func:`trak_code_damping`). Rankings, and hence LDS, depend only on lambda, not on the factor N.
 
-- ``variant="trak"``: g_n = gradient of the training loss l(theta, x_n) (method.md §1) estimated
-  with ``num_draws`` random (t, eps) draws, for training examples and queries alike (the
-  K-FAC paper's TRAK baseline; it used 250 draws).
+- ``variant="trak"``: g_n = gradient of the training loss l(theta, x_n) (method.md §1), for
+  training examples and queries alike (the K-FAC paper's TRAK baseline). Its training gradients
+  are the rows of K-FAC's gradient store, same draws and budget (``train_draws``, importance-
+  sampled timesteps), and its query gradients are K-FAC's (``query_draws``).
 - ``variant="dtrak"``: D-TRAK (Zheng et al. 2024) replaces both the training loss and the
   measurement by the square norm ``mean(eps_theta(x_t, t)^2)`` and averages over K uniformly
   spaced timesteps ``0, T/K, 2T/K, ...`` (0-indexed, as D-TRAK's ``range(0, T, T // K)``), with
-  ``num_draws / K`` noise draws per timestep (D-TRAK: one).
+  ``draws / K`` noise draws per timestep (D-TRAK: one).
+
+Budgets (issue 15: methods compare at equal Monte-Carlo budgets): both variants default to
+K-FAC's ``DEFAULT_TRAIN_DRAWS`` training and ``DEFAULT_QUERY_DRAWS`` query draws per example,
+each in two independent halves, which give every gallery a split-half reliability
+(:mod:`attribution.stability`; it covers the draws, not the projection, whose noise the default
+``proj_dim`` keeps small: bench/results/stability_*.md).
 
 Parameters: :func:`attribution.gradients.kfac_parameters` (Linear / Conv2d weights and biases;
-99.3% of the tiny U-Net's parameters, all but GroupNorm's scales and shifts). The per-example
-gradient engine covers exactly these, and it makes TRAK and K-FAC influence attribute through
-the same parameters, so their differences are due to the curvature alone.
+99.3% of the tiny U-Net's parameters, all but GroupNorm's scales and shifts), the same as K-FAC's,
+so differences between TRAK and K-FAC influence are due to the curvature alone.
 
 Default damping: TRAK/D-TRAK have no robust default (the paper tunes lambda per benchmark and
 they fail when it is too small). With ``damping=None`` we use ``lambda = relative_damping *
 mean non-zero eigenvalue of Phi^T Phi / N`` (= ``trace / min(N, k)``), which adapts to the
 gradient scale of each variant and model; ``DEFAULT_RELATIVE_DAMPING = 0.1`` was not LDS-tuned.
-
-Caching: training features (and the eigendecomposition of their Gram matrix) are stored under
-``run.artifact_dir("trak-features", settings)``, keyed by the model fingerprint and every
-setting that changes them; a retrained model gets a new folder. Features are written in shards,
-so an interrupted featurisation resumes. Training features follow the run's augmentation: for a
-run trained with ``--hflip`` each (t, eps) draw flips the image independently (drawn from the
-example's own keyed stream, as K-FAC's factors and gradient store do), and the cache key says so.
-Queries are generated samples and are never flipped.
 
 Draw keys (:func:`attribution.measurements.example_generator`): training example n draws from key
 n; query i of a query set from key ``QUERY_INDEX_OFFSET + i`` (its GLOBAL index in the set, as
@@ -57,43 +56,68 @@ training example and its score does not depend on which other queries are scored
 from __future__ import annotations
 
 import math
-import numbers
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from attribution.errors import UserError
-from attribution.projection import PROJECTION_KINDS, Projector, make_projector
+from attribution.influence_settings import (
+    DEFAULT_DRAW_SCHEME,
+    DEFAULT_PREVIEW_DRAWS,
+    DEFAULT_QUERY_DRAWS,
+    DEFAULT_TRAIN_DRAWS,
+    InfluenceSettings,
+)
+from attribution.measurements import DrawOptions, Measurement
+from attribution.projection import PROJECTION_KINDS
 from attribution.runs import Run, load_tensors, save_tensors
 from attribution.similarity import check_query_images
+from attribution.store import round_schedule
+from attribution.trak_features import (  # noqa: F401 - public names of this module
+    TrainFeatures,
+    featurize,
+    projector_for,
+    query_feature_halves,
+    query_gradient_halves,
+    train_features,
+)
 
 Progress = Optional[Callable[[int, int, str], None]]
 
 TRAK_VARIANTS = ("trak", "dtrak")
-DEFAULT_PROJ_DIM = 2048
-DEFAULT_NUM_DRAWS = 10  # per example; the paper used 250 (GPU)
-DEFAULT_NUM_TIMESTEPS = 10  # D-TRAK's K (10 or 100)
+# The paper's k. Measured on the demo run (same draws, two projection seeds: JL noise alone), the
+# Spearman of two projections is 0.74 / 0.92 / 0.96 / 0.98 at k = 2048 / 8192 / 16384 / 32768
+# (bench/results/stability_demo.md). SJLT costs O(P) per row at any k; scoring O(N^2 k).
+DEFAULT_PROJ_DIM = 32768
+DEFAULT_NUM_TIMESTEPS = 32  # D-TRAK's K (the paper: 10 or 100); K must divide the rounds of draws
 DEFAULT_RELATIVE_DAMPING = 0.1
-QUERY_INDEX_OFFSET = 1_000_000_000
-SHARD_SIZE = 256  # training examples per cached feature shard
-GRAD_BUDGET_BYTES = 256 << 20  # per-example gradients held at once (float32)
-
+DEFAULT_NUM_DRAWS = DEFAULT_TRAIN_DRAWS  # legacy name: the training draws per example
+QUERY_INDEX_OFFSET = 1_000_000_000  # = attribution.influence.QUERY_OFFSET: TRAK's queries draw as K-FAC's
 
 
 @dataclass(frozen=True)
 class TrakSettings:
-    """Everything that determines TRAK / D-TRAK features (saved as the cache key)."""
+    """Everything that determines TRAK / D-TRAK features (saved in the cache keys).
+
+    ``train_draws`` / ``query_draws``: (t, eps) draws per training / query gradient, each in two
+    halves (K-FAC's defaults). TRAK's training draws are K-FAC's store rounds
+    (``round_schedule(train_draws, preview_draws)``, ``draw_scheme``); D-TRAK's rounds hold
+    multiples of its ``num_timesteps`` K fixed timesteps (K, K, 2K, 2K, ...), so ``train_draws``
+    and ``query_draws`` must be multiples of 2K.
+    """
 
     variant: str = "trak"
     proj_dim: int = DEFAULT_PROJ_DIM
     projection: str = "sjlt"
-    num_draws: Optional[int] = None  # None: DEFAULT_NUM_DRAWS (trak) / num_timesteps (dtrak)
+    train_draws: int = DEFAULT_TRAIN_DRAWS
+    query_draws: int = DEFAULT_QUERY_DRAWS
     num_timesteps: int = DEFAULT_NUM_TIMESTEPS  # dtrak only
     seed: int = 0
+    draw_scheme: str = DEFAULT_DRAW_SCHEME  # trak only (D-TRAK's timesteps are fixed)
+    preview_draws: int = DEFAULT_PREVIEW_DRAWS  # trak only: draws of the store's first round
 
     def __post_init__(self):
         if self.variant not in TRAK_VARIANTS:
@@ -102,23 +126,43 @@ class TrakSettings:
             raise UserError(f"unknown projection {self.projection!r}; choose one of {', '.join(PROJECTION_KINDS)}")
         if self.proj_dim < 1:
             raise UserError(f"proj_dim must be positive, got {self.proj_dim}")
-        if self.variant == "dtrak" and self.num_timesteps < 1:
-            raise UserError(f"num_timesteps must be positive, got {self.num_timesteps}")
-        if self.num_draws is not None and self.num_draws < 1:
-            raise UserError(f"num_draws must be positive, got {self.num_draws}")
-        if self.variant == "dtrak" and self.num_draws is not None and self.num_draws % self.num_timesteps:
-            raise UserError(f"D-TRAK: num_draws ({self.num_draws}) must be a multiple of "
-                            f"num_timesteps ({self.num_timesteps})")
+        if self.query_draws < 2 or self.query_draws % 2:
+            raise UserError(f"query_draws must be even and >= 2 (two independent halves), got {self.query_draws}")
+        if self.variant == "dtrak":
+            K = self.num_timesteps
+            if K < 1:
+                raise UserError(f"num_timesteps must be positive, got {K}")
+            for name, n in (("train_draws", self.train_draws), ("query_draws", self.query_draws)):
+                if n < 2 * K or n % (2 * K):
+                    raise UserError(f"D-TRAK: {name} ({n}) must be a multiple of 2 x num_timesteps "
+                                    f"({2 * K}: two halves, each covering the {K} timesteps)")
+        else:
+            self.influence_settings()  # validates train_draws, preview_draws and draw_scheme
+        if self.variant == "dtrak" and any(d % self.num_timesteps for d in self.round_draws):
+            raise UserError(f"D-TRAK: rounds {self.round_draws} are not multiples of num_timesteps")
 
     @property
-    def draws(self) -> int:
-        if self.num_draws is not None:
-            return self.num_draws
-        return self.num_timesteps if self.variant == "dtrak" else DEFAULT_NUM_DRAWS
+    def round_draws(self) -> list[int]:
+        """Draws of each round of the training store (round r goes to half r % 2)."""
+        first = self.num_timesteps if self.variant == "dtrak" else self.preview_draws
+        return round_schedule(self.train_draws, first)
 
-    def measurement(self):
-        from attribution.measurements import Measurement
+    @property
+    def rounds(self) -> int:
+        return len(self.round_draws)
 
+    @property
+    def query_scheme(self) -> str:
+        """Draw scheme of the query gradients: K-FAC's for TRAK; D-TRAK's timesteps are fixed."""
+        return DrawOptions(scheme=self.draw_scheme).scheme if self.variant == "trak" else "iid"
+
+    def influence_settings(self, store_budget_bytes: Optional[int] = None) -> InfluenceSettings:
+        """The K-FAC settings whose gradient store and query gradients TRAK shares."""
+        return InfluenceSettings(train_draws=self.train_draws, query_draws=self.query_draws, seed=self.seed,
+                                 draw_scheme=self.draw_scheme, preview_draws=self.preview_draws,
+                                 store_budget_bytes=store_budget_bytes)
+
+    def measurement(self) -> Measurement:
         return Measurement("square-norm" if self.variant == "dtrak" else "loss")
 
     def timesteps(self, T: int) -> Optional[list[int]]:
@@ -127,8 +171,11 @@ class TrakSettings:
 
     def cache_args(self, num_params: int, num_train: int) -> dict:
         d = asdict(self)
-        d.update(num_draws=self.draws, num_params=num_params, num_train=num_train, params="kfac",
-                 num_timesteps=self.num_timesteps if self.variant == "dtrak" else None)
+        d.update(num_params=num_params, num_train=num_train, params="kfac", round_draws=self.round_draws)
+        if self.variant == "dtrak":
+            d.update(draw_scheme=None, preview_draws=None)
+        else:
+            d.update(num_timesteps=None)
         return d
 
 
@@ -142,143 +189,6 @@ def dtrak_timesteps(K: int, T: int) -> list[int]:
 def trak_code_damping(damping: float, num_train: int) -> float:
     """lambda in MadryLab TRAK's convention (added to the unnormalised Gram matrix) = N * lambda."""
     return damping * num_train
-
-
-def _grad_batch(num_params: int) -> int:
-    return max(1, min(256, GRAD_BUDGET_BYTES // (4 * max(1, num_params))))
-
-
-def featurize(
-    unet,
-    schedule,
-    images: Tensor,
-    settings: TrakSettings,
-    projector: Projector,
-    *,
-    offset: Union[int, Sequence[int]] = 0,
-    grad_fn=None,
-    params=None,
-    progress: Progress = None,
-    stage: str = "gradients",
-    done: int = 0,
-    total: Optional[int] = None,
-    hflip: bool = False,
-) -> Tensor:
-    """Projected per-example gradients ``[B, k]`` float32 of ``images`` ``[B, C, H, W]``.
-
-    ``grad_fn`` defaults to :func:`attribution.gradients.per_example_gradients`; draws of image b
-    are keyed by ``offset + b`` (int ``offset``) or ``offset[b]`` (a sequence of B global keys).
-    ``params``: default ``kfac_parameters(unet)`` (a subset only for tests; cached features
-    always use the default). ``hflip``: an independent horizontal flip of the image per (t, eps)
-    draw, from the same keyed stream (``DrawOptions(hflip=True)``; training images of runs
-    trained with flips, never queries).
-    """
-    from attribution.gradients import kfac_parameters, per_example_gradients
-
-    grad_fn = grad_fn or per_example_gradients
-    params = kfac_parameters(unet) if params is None else list(params)
-    extra = {}
-    if hflip:  # only then: a grad_fn without draw options still serves flip-free features
-        from attribution.measurements import DrawOptions
-
-        extra["options"] = DrawOptions(hflip=True)
-    m = settings.measurement()
-    ts = settings.timesteps(schedule.T)
-    B = images.shape[0]
-    if isinstance(offset, numbers.Integral):
-        offset = int(offset)
-    else:
-        offset = [int(k) for k in offset]
-        if len(offset) != B:
-            raise UserError(f"{len(offset)} draw keys for {B} images")
-    total = B if total is None else total
-    out = torch.empty(B, projector.out_dim, dtype=torch.float32)
-    step = _grad_batch(projector.in_dim)
-    for lo in range(0, B, step):
-        hi = min(B, lo + step)
-        g = grad_fn(unet, schedule, images[lo:hi], m, settings.draws, settings.seed,
-                    timesteps=ts, params=params,
-                    offset=offset + lo if isinstance(offset, int) else offset[lo:hi], **extra)
-        if g.shape != (hi - lo, projector.in_dim):
-            raise UserError(f"gradient function returned shape {tuple(g.shape)}, expected "
-                            f"{(hi - lo, projector.in_dim)}")
-        with torch.no_grad():  # per_example_gradients' result may still require grad
-            out[lo:hi] = projector.project(g.detach().float()).cpu()
-        if progress is not None:
-            progress(done + hi, total, stage)
-    if not torch.isfinite(out).all():
-        raise UserError("TRAK features contain NaN or inf (diverged model?); check the model and the images")
-    return out
-
-
-def _projector_for(unet, settings: TrakSettings, device) -> Projector:
-    from attribution.gradients import kfac_parameters
-
-    P = sum(p.numel() for p in kfac_parameters(unet))
-    k = P if settings.projection == "identity" else settings.proj_dim
-    return make_projector(settings.projection, P, k, seed=settings.seed, device=device)
-
-
-def _features_dir(run: Run, settings: TrakSettings, projector: Projector, num_train: int, hflip: bool) -> Path:
-    args = settings.cache_args(projector.in_dim, num_train)
-    args["projector"] = projector.describe()
-    if hflip:  # runs without augmentation keep the cache keys they had
-        args["hflip"] = True
-    return run.artifact_dir("trak-features", args)
-
-
-def train_features(
-    run: Run,
-    settings: TrakSettings,
-    *,
-    unet=None,
-    device=None,
-    progress: Progress = None,
-    grad_fn=None,
-) -> tuple[Tensor, Path]:
-    """Cached training features ``Phi: [N, k]`` float32 and their artifact folder.
-
-    The draws follow the run's training augmentation: a run trained with ``hflip`` gets an
-    independent flip per (t, eps) draw (paper App. G.8), so TRAK attributes the trained objective.
-    """
-    from attribution.ddpm import default_device
-    from attribution.influence import run_hflip
-
-    device = torch.device(device) if device is not None else default_device()
-    unet = unet if unet is not None else run.load_unet(device)
-    ds = run.dataset()
-    N = len(ds)
-    hflip = run_hflip(run)
-    projector = _projector_for(unet, settings, device)
-    d = _features_dir(run, settings, projector, N, hflip)
-    final = d / "train_features.safetensors"
-    if final.exists():
-        feats = load_tensors(final)[0]["features"]
-        if feats.shape == (N, projector.out_dim):
-            if progress is not None:
-                progress(N, N, "train features (cached)")
-            return feats, d
-    images = ds.tensors()
-    schedule = run.schedule()
-    shard_dir = d / "shards"
-    shards = []
-    for lo in range(0, N, SHARD_SIZE):
-        hi = min(N, lo + SHARD_SIZE)
-        path = shard_dir / f"{lo:09d}_{hi:09d}.safetensors"
-        if path.exists():
-            shards.append(load_tensors(path)[0]["features"])
-            if progress is not None:
-                progress(hi, N, "train gradients")
-            continue
-        f = featurize(unet, schedule, images[lo:hi].to(device), settings, projector, offset=lo,
-                      grad_fn=grad_fn, progress=progress, stage="train gradients", done=lo, total=N,
-                      hflip=hflip)
-        save_tensors(path, {"features": f})
-        shards.append(f)
-    feats = torch.cat(shards)
-    save_tensors(final, {"features": feats}, {"settings": asdict(settings), "num_train": N, "hflip": hflip})
-    shutil.rmtree(shard_dir, ignore_errors=True)
-    return feats, d
 
 
 def query_keys(num_queries: int, query_indices: Optional[Sequence[int]] = None) -> list[int]:
@@ -297,20 +207,13 @@ def query_keys(num_queries: int, query_indices: Optional[Sequence[int]] = None) 
 
 def query_features(run: Run, query_images: Tensor, settings: TrakSettings, *, query_indices=None, unet=None,
                    device=None, progress: Progress = None, grad_fn=None) -> Tensor:
-    """Projected query gradients ``[Q, k]`` (same projection and measurement as training).
-
-    Draws of query b are keyed by its global index ``query_indices[b]`` (:func:`query_keys`).
-    Queries are generated samples, so they are never augmented.
-    """
-    from attribution.ddpm import default_device
-
-    device = torch.device(device) if device is not None else default_device()
-    unet = unet if unet is not None else run.load_unet(device)
+    """Projected query gradients ``[Q, k]``: the mean of the two halves of ``query_draws`` draws
+    (same projection and measurement as training; draws keyed by :func:`query_keys`)."""
     check_query_images(run, query_images)
     keys = query_keys(query_images.shape[0], query_indices)
-    projector = _projector_for(unet, settings, device)
-    return featurize(unet, run.schedule(), query_images.to(device), settings, projector,
-                     offset=keys, grad_fn=grad_fn, progress=progress, stage="query gradients")
+    fa, fb = query_feature_halves(run, query_images, settings, keys, unet=unet, device=device, progress=progress,
+                                  grad_fn=grad_fn)
+    return (fa + fb) / 2
 
 
 @dataclass
@@ -373,11 +276,10 @@ def scores_from_features(query: Tensor, train: Tensor, damping: float, eig: Opti
     return out
 
 
-def _load_or_build_eigen(d: Path, feats: Tensor) -> GramEigen:
-    path = d / "gram_eigen.safetensors"
+def _load_or_build_eigen(path: Path, feats: Tensor) -> GramEigen:
     if path.exists():
         t, meta = load_tensors(path)
-        if meta.get("num_train") == feats.shape[0]:
+        if meta.get("num_train") == feats.shape[0] and t["eigenvectors"].shape[0] in feats.shape:
             return GramEigen(meta["mode"], t["eigenvalues"], t["eigenvectors"], feats.shape[0])
     eig = gram_eigen(feats)
     save_tensors(path, {"eigenvalues": eig.eigenvalues, "eigenvectors": eig.eigenvectors},
@@ -392,6 +294,24 @@ class TrakResult:
     damping_trak_code: float  # the same in MadryLab TRAK's convention (N * lambda)
     settings: TrakSettings
     features_dir: Path
+    scores_a: Optional[Tensor] = None  # [Q, N] from half A of the draws (its own Gram matrix), same lambda
+    scores_b: Optional[Tensor] = None  # None while the training store has one round
+    se: Optional[Tensor] = None  # [Q, N] moderated standard error of each score (draw noise)
+    reliability: Optional[list] = None  # per query: attribution.stability.Reliability
+    rounds_done: int = 0
+    rounds_total: int = 0
+
+    @property
+    def preview(self) -> bool:
+        return self.rounds_done < self.rounds_total
+
+    def summary(self, q: int = 0) -> dict:
+        """JSON-able stability figures of query row ``q`` (as InfluenceResult.summary)."""
+        out = {"rounds_done": self.rounds_done, "rounds_total": self.rounds_total, "preview": self.preview,
+               "train_draws_done": sum(self.settings.round_draws[:self.rounds_done])}
+        if self.reliability is not None:
+            out.update(self.reliability[q].as_dict())
+        return out
 
 
 def trak_attribution(
@@ -402,67 +322,81 @@ def trak_attribution(
     proj_dim: int = DEFAULT_PROJ_DIM,
     damping: Optional[float] = None,
     relative_damping: float = DEFAULT_RELATIVE_DAMPING,
-    num_draws: Optional[int] = None,
+    train_draws: int = DEFAULT_TRAIN_DRAWS,
+    query_draws: int = DEFAULT_QUERY_DRAWS,
     num_timesteps: int = DEFAULT_NUM_TIMESTEPS,
     seed: int = 0,
     projection: str = "sjlt",
+    draw_scheme: str = DEFAULT_DRAW_SCHEME,
+    preview_draws: int = DEFAULT_PREVIEW_DRAWS,
     device=None,
     progress: Progress = None,
     query_indices: Optional[Sequence[int]] = None,
+    query_set: Optional[str] = None,
+    rounds: Optional[int] = None,
+    k: int = 16,
+    store_budget_bytes: Optional[int] = None,
 ) -> TrakResult:
-    """TRAK / D-TRAK scores with the damping actually used (see the module docstring).
+    """TRAK / D-TRAK scores with the damping used and their split-half reliability.
 
     ``query_indices``: the queries' global indices in their query set (their draw keys,
-    :func:`query_keys`); None: ``0..Q-1``.
+    :func:`query_keys`); None: ``0..Q-1``. ``query_set``: the name of that sample set; TRAK then
+    shares K-FAC's cached query gradients (the images must be those queries). ``rounds``: score
+    after this many rounds of the training store (a preview; default all). ``k``: top-k of the
+    expected-overlap figures.
     """
     from attribution.ddpm import default_device
+    from attribution.stability import moderated_se, reliability
 
-    settings = TrakSettings(variant=variant, proj_dim=proj_dim, projection=projection,
-                            num_draws=num_draws, num_timesteps=num_timesteps, seed=seed)
+    settings = TrakSettings(variant=variant, proj_dim=proj_dim, projection=projection, train_draws=train_draws,
+                            query_draws=query_draws, num_timesteps=num_timesteps, seed=seed,
+                            draw_scheme=draw_scheme, preview_draws=preview_draws)
     check_query_images(run, query_images)
+    keys = query_keys(query_images.shape[0], query_indices)
+    if query_set is not None:
+        idx = list(range(query_images.shape[0])) if query_indices is None else [int(i) for i in query_indices]
+        stored = run.load_samples(query_set)[0]["images"]
+        if max(idx) >= stored.shape[0] or not torch.equal(stored[idx].float(), query_images.float()):
+            raise UserError(f"the query images are not queries {idx} of sample set {query_set!r}")
     device = torch.device(device) if device is not None else default_device()
     unet = run.load_unet(device)
-    feats, d = train_features(run, settings, unet=unet, device=device, progress=progress)
-    qf = query_features(run, query_images, settings, query_indices=query_indices, unet=unet, device=device,
-                        progress=progress)
+    tf = train_features(run, settings, unet=unet, device=device, progress=progress, rounds=rounds,
+                        store_budget_bytes=store_budget_bytes)
+    qa, qb = query_feature_halves(run, query_images, settings, keys, unet=unet, device=device, progress=progress,
+                                  query_set=query_set, query_indices=query_indices)
     if progress is not None:
         progress(0, 1, "scores")
-    eig = _load_or_build_eigen(d, feats)
+    feats = tf.features
+    eig = _load_or_build_eigen(tf.directory / "gram_eigen.safetensors", feats)
     lam = eig.default_damping(relative_damping) if damping is None else float(damping)
-    scores = scores_from_features(qf, feats, lam, eig).float()
+    scores = scores_from_features((qa + qb) / 2, feats, lam, eig).float()
+    res = TrakResult(scores, lam, trak_code_damping(lam, feats.shape[0]), settings, tf.directory,
+                     rounds_done=tf.rounds_done, rounds_total=tf.rounds_total)
+    if len(tf.halves) == 2:
+        halves = []
+        for h, (q, phi) in enumerate(zip((qa, qb), tf.halves)):
+            eh = _load_or_build_eigen(tf.directory / f"gram_eigen_half{h}.safetensors", phi)
+            halves.append(scores_from_features(q, phi, lam, eh))
+        res.scores_a, res.scores_b = halves[0].float(), halves[1].float()
+        res.se = moderated_se(halves[0], halves[1]).float()
+        res.reliability = reliability(halves[0], halves[1], scores.double(), k)
     if progress is not None:
         progress(1, 1, "scores")
-    return TrakResult(scores, lam, trak_code_damping(lam, feats.shape[0]), settings, d)
+    return res
 
 
-def trak_scores(
-    run: Run,
-    query_images: Tensor,
-    *,
-    variant: str = "trak",
-    proj_dim: int = DEFAULT_PROJ_DIM,
-    damping: Optional[float] = None,
-    num_draws: Optional[int] = None,
-    num_timesteps: int = DEFAULT_NUM_TIMESTEPS,
-    seed: int = 0,
-    progress: Progress = None,
-    relative_damping: float = DEFAULT_RELATIVE_DAMPING,
-    projection: str = "sjlt",
-    device=None,
-    query_indices: Optional[Sequence[int]] = None,
-) -> Tensor:
+def trak_scores(run: Run, query_images: Tensor, *, variant: str = "trak", proj_dim: int = DEFAULT_PROJ_DIM,
+                damping: Optional[float] = None, progress: Progress = None, **kwargs) -> Tensor:
     """TRAK (``variant="trak"``) or D-TRAK (``"dtrak"``) scores ``[Q, N]`` float32.
 
     query_images ``[Q, C, H, W]`` in [-1, 1]. ``damping``: lambda in the paper's mean-loss
     normalisation (TRAK code's value / N); None: ``relative_damping`` x mean non-zero eigenvalue
-    of the projected GGN. ``num_draws``: (t, eps) draws per example (default 10 for TRAK,
-    ``num_timesteps`` for D-TRAK). ``num_timesteps``: D-TRAK's K. ``progress(done, total, stage)``.
-    ``query_indices``: the queries' global indices in their set (draw keys); None: ``0..Q-1``.
+    of the projected GGN. Other keywords as :func:`trak_attribution` (``train_draws``,
+    ``query_draws``, ``num_timesteps``, ``seed``, ``query_indices``, ...).
+    ``progress(done, total, stage)``.
     """
     return trak_attribution(run, query_images, variant=variant, proj_dim=proj_dim, damping=damping,
-                            relative_damping=relative_damping, num_draws=num_draws,
-                            num_timesteps=num_timesteps, seed=seed, projection=projection,
-                            device=device, progress=progress, query_indices=query_indices).scores
+                            progress=progress, **kwargs).scores
 
 
 __all__ = [

@@ -54,10 +54,11 @@ def main() -> None:
            "num_train": N, "num_queries": Q, "num_params": P, "draws": args.draws, "n_feat": args.n_feat,
            "featurisation": [], "scoring": []}
     for variant in ("trak", "dtrak"):
-        s = bl.TrakSettings(variant=variant, proj_dim=dims[0], projection="identity", num_draws=args.draws)
+        s = bl.TrakSettings(variant=variant, proj_dim=dims[0], projection="identity", num_timesteps=args.draws,
+                            train_draws=2 * args.draws, query_draws=2 * args.draws)
         ident = make_projector("identity", P, P)
         t0 = time.perf_counter()
-        g = bl.featurize(unet, schedule, images[:args.n_feat], s, ident)
+        g = bl.featurize(unet, schedule, images[:args.n_feat], s, ident, num_draws=args.draws)
         t_grad = time.perf_counter() - t0
         for k in dims:
             proj = make_projector("sjlt", P, k, seed=0)
@@ -71,10 +72,11 @@ def main() -> None:
             res["featurisation"].append(row)
             print(row, flush=True)
     # scoring: real features of all N training images (1 draw) and the Q queries
-    s1 = bl.TrakSettings(variant="trak", proj_dim=dims[0], projection="identity", num_draws=1)
+    s1 = bl.TrakSettings(variant="trak", proj_dim=dims[0], projection="identity")
     t0 = time.perf_counter()
-    G = bl.featurize(unet, schedule, images, s1, make_projector("identity", P, P))
-    Gq = bl.featurize(unet, schedule, queries, s1, make_projector("identity", P, P), offset=bl.QUERY_INDEX_OFFSET)
+    G = bl.featurize(unet, schedule, images, s1, make_projector("identity", P, P), num_draws=1)
+    Gq = bl.featurize(unet, schedule, queries, s1, make_projector("identity", P, P), num_draws=1,
+                      offset=bl.QUERY_INDEX_OFFSET)
     res["scoring_feature_s"] = round(time.perf_counter() - t0, 2)
     for k in dims:
         proj = make_projector("sjlt", P, k, seed=0)
