@@ -66,6 +66,8 @@ def start_refinement(run, args: dict) -> None:
     resumable; every completed round is kept), so the gallery sharpens as rounds land."""
     from attribution.influence import InfluenceSettings
 
+    if not warmup_enabled():  # ATTRIBUTION_WARMUP=0 switches off every background build (tests)
+        return
     settings = InfluenceSettings(**args["settings"])
     full = {**args, "rounds": settings.rounds}
     jid = jobs.job_id("influence", full)

@@ -344,7 +344,8 @@ def test_attribute_page_bad_measurement_for_query_shows_error(app, app_run):
     _wait_all(app_run.path, timeout=300)
     at.run()
     assert not at.exception
-    assert "trajectory" in _texts(at.error).lower()
+    assert "trajectory" in _texts(at.error).lower(), (_texts(at.caption), _texts(at.warning), _texts(at.info),
+                                                       [s["status"] for s in jobs.list_jobs(app_run.path)])
 
 
 def test_page_settings_come_from_the_url(app_run, monkeypatch):
