@@ -322,10 +322,21 @@ def build_factors(unet, schedule: Schedule, images: Tensor, cfg: CurvatureConfig
     return tensors, meta
 
 
+def _fresh_copy(unet):
+    """A new model with ``unet``'s weights (from its config and detached state dict). Why not
+    copy.deepcopy: a model that has been through autograd hooks may hold non-leaf tensors, which
+    deepcopy refuses."""
+    if hasattr(unet, "config") and hasattr(type(unet), "from_config"):
+        fresh = type(unet).from_config(unet.config)
+        fresh.load_state_dict(unet.state_dict())
+        return fresh.to(next(unet.parameters()).dtype)
+    return copy.deepcopy(unet)
+
+
 def preconditioner_from_factors(unet, schedule: Schedule, tensors: dict[str, Tensor], meta: dict,
                                 damping: float) -> Preconditioner:
     """A float64 :class:`Preconditioner` for saved factors (a float64 copy of the model)."""
-    model = FlatEpsNet(copy.deepcopy(unet)).double().eval()
+    model = FlatEpsNet(_fresh_copy(unet)).double().eval()
     params = kfac_parameters(model)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     dummy = [({"x": torch.zeros(1, *shape, dtype=torch.float64), "t": torch.zeros(1, dtype=torch.long)},

@@ -74,9 +74,11 @@ def _arr(v) -> np.ndarray:
 
 
 def _wait_all(run_dir: Path, timeout: float = 300.0) -> None:
-    for s in jobs.list_jobs(run_dir):
-        if s["status"] == "running":
-            jobs.wait(run_dir, s["id"], timeout=timeout)
+    """Wait for every queued or running job (a queued one starts when what it waits for ends)."""
+    for _ in range(3):
+        for s in jobs.list_jobs(run_dir):
+            if s["status"] in jobs.ACTIVE:
+                jobs.wait(run_dir, s["id"], timeout=timeout)
 
 
 def test_validate_upload_rejects_other_types_and_large_files():
