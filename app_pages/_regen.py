@@ -82,7 +82,7 @@ def _results(run: Run, report: dict, images: dict, ds) -> None:
             idx = report["methods"][m]["removed"][j][:16]
             st.markdown(f"**{report['methods'][m]['label']}**")
             image_grid(ds.images[idx], [f"#{r} · {ds.label_name(int(ds.labels[i]))}" for r, i in enumerate(idx, 1)],
-                       columns=16, size=48)
+                       columns=8, size=72)
 
 
 def _start_form(run: Run, ds) -> None:

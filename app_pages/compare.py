@@ -85,6 +85,6 @@ if scores:
         items = top["positive"]
         image_grid(ds.images[[i for i, _ in items]],
                    [f"{r} · {ds.label_name(int(ds.labels[i]))} · {v:.3g}" for r, (i, v) in enumerate(items, 1)],
-                   columns=min(int(k), 12), size=56)
+                   columns=min(int(k), 10), size=80)
     st.download_button("Aligned galleries (CSV)", export_csv(rows, {"run": str(run.path), "model": fp, "query_set": qset,
                        "query": int(qg), "k": int(k), "influence": settings}), "compare.csv", "text/csv")
