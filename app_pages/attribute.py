@@ -203,8 +203,9 @@ with right:
             se_row = None if se_row is None else se_row[0]
             notes = [f"Scored for: {settings_label(full, qset, int(q))}"] + stability_notes(stab, int(k))
             st.session_state["a_last_gallery"] = {"row": row, "title": title, "label": settings_label(full, qset, int(q)),
-                                                  "method": f"{method}-{fisher}-{kfac_type}", "settings": full}
-            st.session_state["attr_last"] = {"args": args, "seconds": state["updated"] - state["started"]}
+                                                  "method": f"{method}-{fisher}-{kfac_type}", "settings": full,
+                                                  "se": se_row}
+            st.session_state["attr_last"] = {"args": state.get("args", args), "seconds": state["updated"] - state["started"]}
             st.session_state["a_uncertainty"] = {"se": se_row, "stability": stab}
             st.caption(CAPTION_KEY)
             rows = render_gallery(row, {"title": title + (" — preview" if stab.get("preview") else ""),
@@ -224,7 +225,7 @@ with right:
             if last is not None:
                 st.caption(CAPTION_KEY)
                 render_gallery(last["row"], {"title": last["title"], "method": last["method"], "k": k, "ds": ds,
-                                             "key": "d", "kind": "influence",
+                                             "key": "d", "kind": "influence", "se": last.get("se"),
                                              "updating": f"Showing the last gallery ({last['label']}) until the "
                                                          "new settings are scored."})
     warmup_status(run)

@@ -384,7 +384,7 @@ def held_ekfac(monkeypatch):
     gate.set()
 
 
-def _captions(at) -> list[str]:
+def _captions(at) -> list[str]:  # the robustness mark " · ✓" is part of a caption
     return [img.proto.imgs[0].caption for img in at.get("image") if " · τ" in img.proto.imgs[0].caption]
 
 
