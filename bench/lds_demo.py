@@ -366,7 +366,10 @@ def counterfactual(run: Run) -> dict:
     job = CounterfactualJob(query_indices=CF_QUERIES, k=CF_K, num_seeds=1, steps=TRAIN["steps"],
                             warmup_steps=TRAIN["warmup_steps"], measurement="loss", num_draws=LOSS_JOB.num_draws)
     log("counterfactual retraining")
-    report = run_counterfactual(run, job, scores, progress=progress_printer(), device=DEVICE)
+    from attribution.executor import make_executor
+
+    with make_executor("local", workers=WORKERS) as executor:  # WORKERS training processes, resumable
+        report = run_counterfactual(run, job, scores, progress=progress_printer(), device=DEVICE, executor=executor)
     res = json.loads(out_json.read_text())  # the table may have been rewritten meanwhile
     res["counterfactual"] = {"k": CF_K, "queries": list(CF_QUERIES), "steps": TRAIN["steps"], "seeds": 1,
                              "measurement": "loss", "num_draws": LOSS_JOB.num_draws,
