@@ -61,11 +61,13 @@ bench: $(STAMP)
 lds-demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/lds_demo.py
 
-## LDS ground truth of the shipped CIFAR-2 run at the paper's retraining rule (half the steps on half the
-## data: 2,400-step retrains), M = 8 subsets x R = 2 paired seeds; resumable (hours on 2 CPU cores).
+## LDS benchmark of the shipped CIFAR-2 run at the paper's retraining rule (half the steps on half the
+## data: 2,400-step retrains), M = 8 subsets x R = 2 paired seeds: ground truth, every method's LDS at
+## equal budgets, counterfactual, then LDS against the number of draws; resumable (~2 h on 2 CPU cores).
 lds-cifar2: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/attribution lds --run demo/cifar2 --subsets 8 --seeds 2 --draws 128 \
-	  --measurements loss,elbo,elbo-simple --workers 2
+	OMP_NUM_THREADS=1 $(BIN)/python bench/lds_demo.py --run demo/cifar2 --subsets 8 --seeds 2 --steps 2400 \
+	  --warmup-steps 50
+	OMP_NUM_THREADS=1 $(BIN)/python bench/lds_vs_draws.py --run demo/cifar2
 
 ## Gallery stability at the defaults, two seeds, round by round (bench/results/gallery_*.md).
 bench-gallery: $(STAMP)

@@ -5,11 +5,12 @@ default settings after every round of the training-side store (rounds double in 
 4, ... draws) and records the LDS (mean +- standard error over queries) at each cumulative number
 of draws. Every method sees the same number of draws at each row (equal Monte-Carlo budgets):
 K-FAC, EK-FAC and TRAK read the same gradient store, D-TRAK its own square-norm store at the same
-draw counts. Stores and factors come from the run's artifacts (built on first use), so run it after
-``bench/lds_demo.py`` has scored the run and it costs only the scoring.
+draw counts. A store keeps running means per half, so a finished store cannot be scored at fewer
+rounds: the script works on a fresh copy of the run (no artifacts) and grows its stores round by
+round (minutes of CPU on the CIFAR-2 run).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/lds_vs_draws.py --run demo/cifar2
-    OMP_NUM_THREADS=1 .venv/bin/python bench/lds_vs_draws.py --run demo/run --methods kfac,trak
+    OMP_NUM_THREADS=1 .venv/bin/python bench/lds_vs_draws.py --run demo/run --methods kfac,trak,dtrak
 
 Results: bench/results/lds_vs_draws_<run name>.{json,md} (written after every method).
 """
@@ -17,7 +18,9 @@ Results: bench/results/lds_vs_draws_<run name>.{json,md} (written after every me
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,27 +35,15 @@ RESULTS = ROOT / "bench" / "results"
 LABELS = {"kfac": "K-FAC mc expand", "ekfac": "EK-FAC mc expand", "trak": "TRAK", "dtrak": "D-TRAK"}
 
 
-def method_rows(run, method: str, queries: list[int], truth) -> list[dict]:
-    """``[{"round", "train_draws", "lds", "sem"}]`` of one method at its defaults, round by round."""
+def score_round(run, method: str, queries: list[int], r: int):
+    """Scores ``[Q, N]`` of one method at its defaults with the store grown to ``r`` rounds."""
     from attribution.influence import InfluenceSettings, influence_result
-    from attribution.lds import lds
     from attribution.trak import trak_attribution
 
-    rows = []
-    settings = InfluenceSettings(method="ekfac" if method == "ekfac" else "kfac")
-    draws_per_round = settings.round_draws
+    if method in ("kfac", "ekfac"):
+        return influence_result(run, "queries", queries, InfluenceSettings(method=method), rounds=r).scores
     images = run.load_samples("queries")[0]["images"][queries]
-    for r in range(1, settings.rounds + 1):
-        t0 = time.perf_counter()
-        if method in ("kfac", "ekfac"):
-            scores = influence_result(run, "queries", queries, settings, rounds=r).scores
-        else:
-            scores = trak_attribution(run, images, variant=method, query_indices=queries, rounds=r).scores
-        res = lds(scores.double(), truth)
-        rows.append({"round": r, "train_draws": int(sum(draws_per_round[:r])), "lds": res.mean, "sem": res.sem,
-                     "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{LABELS[method]} round {r}: {rows[-1]}", flush=True)
-    return rows
+    return trak_attribution(run, images, variant=method, query_indices=queries, rounds=r).scores
 
 
 def markdown(res: dict) -> str:
@@ -84,19 +75,34 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from attribution.evaluation import find_ground_truth
 
-    run = open_run(a.run)
-    truth = find_ground_truth(run, "loss")
+    from attribution.influence import InfluenceSettings
+    from attribution.lds import lds
+
+    src = open_run(a.run)
+    truth = find_ground_truth(src, "loss")
     queries = list(range(truth.num_queries))
+    methods = a.methods.split(",")
+    bad = [m for m in methods if m not in LABELS]
+    if bad:
+        print(f"error: unknown method {bad[0]!r} (choose from {', '.join(LABELS)})", file=sys.stderr)
+        return 2
     out = RESULTS / f"lds_vs_draws_{Path(a.run).resolve().name}"
     res = {"run": a.run, "truth": {k: truth.meta.get(k) for k in ("num_subsets", "num_seeds", "num_draws", "steps")},
-           "methods": {}}
-    for method in a.methods.split(","):
-        if method not in LABELS:
-            print(f"error: unknown method {method!r} (choose from {', '.join(LABELS)})", file=sys.stderr)
-            return 2
-        res["methods"][method] = method_rows(run, method, queries, truth)
-        write_json(out.with_suffix(".json"), res)
-        out.with_suffix(".md").write_text(markdown(res))
+           "methods": {m: [] for m in methods}}
+    draws = InfluenceSettings().round_draws
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / Path(a.run).resolve().name
+        shutil.copytree(a.run, dst, ignore=shutil.ignore_patterns("artifacts", "jobs", "lds", "train_state"))
+        run = open_run(dst)
+        for r in range(1, len(draws) + 1):
+            for m in methods:
+                t0 = time.process_time()
+                fit = lds(score_round(run, m, queries, r).double(), truth)
+                res["methods"][m].append({"round": r, "train_draws": int(sum(draws[:r])), "lds": fit.mean,
+                                          "sem": fit.sem, "cpu_seconds": round(time.process_time() - t0, 1)})
+                print(f"{LABELS[m]} round {r}: {res['methods'][m][-1]}", flush=True)
+            write_json(out.with_suffix(".json"), res)  # after every round: a partial curve is a result
+            out.with_suffix(".md").write_text(markdown(res))
     print(f"written {out}.{{json,md}}")
     return 0
 
