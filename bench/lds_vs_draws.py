@@ -35,6 +35,15 @@ RESULTS = ROOT / "bench" / "results"
 LABELS = {"kfac": "K-FAC mc expand", "ekfac": "EK-FAC mc expand", "trak": "TRAK", "dtrak": "D-TRAK"}
 
 
+def method_round_draws(method: str) -> list[int]:
+    """Training draws of each store round at the method's defaults (D-TRAK's rounds hold multiples
+    of its K fixed timesteps: 32, 32, 64; the others 2, 2, 4, 4, ..., 34)."""
+    from attribution.influence import InfluenceSettings
+    from attribution.trak import TrakSettings
+
+    return TrakSettings(variant="dtrak").round_draws if method == "dtrak" else InfluenceSettings().round_draws
+
+
 def score_round(run, method: str, queries: list[int], r: int):
     """Scores ``[Q, N]`` of one method at its defaults with the store grown to ``r`` rounds."""
     from attribution.influence import InfluenceSettings, influence_result
@@ -54,7 +63,8 @@ def markdown(res: dict) -> str:
              f"{res['truth']['num_seeds']} seeds ({res['truth']['num_draws']} MC draws). Every method at its "
              "default settings (damping: K-FAC / EK-FAC 1e-8 in the paper's units; TRAK / D-TRAK their default "
              "relative damping), scored after each round of the training-side store, so all methods see the same "
-             "number of draws in a row. Mean +- standard error over the queries.", "",
+             "number of draws in a row (D-TRAK's rounds hold 32, 32 and 64 draws: its K = 32 fixed timesteps). "
+             "Mean +- standard error over the queries.", "",
              "| training draws | " + " | ".join(LABELS[m] for m in methods) + " |",
              "|---|" + "---|" * len(methods)]
     for d in draws:
@@ -75,7 +85,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from attribution.evaluation import find_ground_truth
 
-    from attribution.influence import InfluenceSettings
     from attribution.lds import lds
 
     src = open_run(a.run)
@@ -89,16 +98,16 @@ def main(argv=None) -> int:
     out = RESULTS / f"lds_vs_draws_{Path(a.run).resolve().name}"
     res = {"run": a.run, "truth": {k: truth.meta.get(k) for k in ("num_subsets", "num_seeds", "num_draws", "steps")},
            "methods": {m: [] for m in methods}}
-    draws = InfluenceSettings().round_draws
+    draws = {m: method_round_draws(m) for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / Path(a.run).resolve().name
         shutil.copytree(a.run, dst, ignore=shutil.ignore_patterns("artifacts", "jobs", "lds", "train_state"))
         run = open_run(dst)
-        for r in range(1, len(draws) + 1):
-            for m in methods:
+        for r in range(1, max(len(d) for d in draws.values()) + 1):
+            for m in (m for m in methods if r <= len(draws[m])):
                 t0 = time.process_time()
                 fit = lds(score_round(run, m, queries, r).double(), truth)
-                res["methods"][m].append({"round": r, "train_draws": int(sum(draws[:r])), "lds": fit.mean,
+                res["methods"][m].append({"round": r, "train_draws": int(sum(draws[m][:r])), "lds": fit.mean,
                                           "sem": fit.sem, "cpu_seconds": round(time.process_time() - t0, 1)})
                 print(f"{LABELS[m]} round {r}: {res['methods'][m][-1]}", flush=True)
             write_json(out.with_suffix(".json"), res)  # after every round: a partial curve is a result
