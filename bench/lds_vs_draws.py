@@ -37,7 +37,7 @@ LABELS = {"kfac": "K-FAC mc expand", "ekfac": "EK-FAC mc expand", "trak": "TRAK"
 
 def method_round_draws(method: str) -> list[int]:
     """Training draws of each store round at the method's defaults (D-TRAK's rounds hold multiples
-    of its K fixed timesteps: 32, 32, 64; the others 2, 2, 4, 4, ..., 34)."""
+    of its K fixed timesteps: 32 each; the others 2, 2, 4, 4, ..., 34)."""
     from attribution.influence import InfluenceSettings
     from attribution.trak import TrakSettings
 
@@ -56,14 +56,14 @@ def score_round(run, method: str, queries: list[int], r: int):
 
 
 def markdown(res: dict) -> str:
-    methods = list(res["methods"])
+    methods = [m for m in LABELS if m in res["methods"]]  # (write_json sorts the keys)
     draws = sorted({r["train_draws"] for m in methods for r in res["methods"][m]})
     lines = [f"# LDS against the number of training draws: {res['run']}", "",
              f"Loss measurement; ground truth M = {res['truth']['num_subsets']} subsets x R = "
              f"{res['truth']['num_seeds']} seeds ({res['truth']['num_draws']} MC draws). Every method at its "
              "default settings (damping: K-FAC / EK-FAC 1e-8 in the paper's units; TRAK / D-TRAK their default "
              "relative damping), scored after each round of the training-side store, so all methods see the same "
-             "number of draws in a row (D-TRAK's rounds hold 32, 32 and 64 draws: its K = 32 fixed timesteps). "
+             "number of draws in a row (D-TRAK's rounds hold 32 draws each: its K = 32 fixed timesteps). "
              "Mean +- standard error over the queries.", "",
              "| training draws | " + " | ".join(LABELS[m] for m in methods) + " |",
              "|---|" + "---|" * len(methods)]
