@@ -61,6 +61,14 @@ def influence_result(run, args: dict, label: str, ds):
     return state, None if scores is None else scores[0], None if state is None else state.get("result")
 
 
+STORE_FIELDS = ("train_draws", "preview_draws", "seed", "store_dtype", "draw_scheme", "factor_draws")
+
+
+def _store_fields(settings: dict) -> tuple:
+    """What the training-gradient store depends on (attribution.influence._store_args)."""
+    return tuple(settings.get(f) for f in STORE_FIELDS)
+
+
 def start_refinement(run, args: dict) -> None:
     """After a preview gallery: grow the store to all its rounds in the background (low priority,
     resumable; every completed round is kept), so the gallery sharpens as rounds land."""
@@ -73,6 +81,12 @@ def start_refinement(run, args: dict) -> None:
     jid = jobs.job_id("influence", full)
     state = jobs.status(run.path, jid)
     if state is not None and state["status"] in jobs.ACTIVE + ("done",):
+        return
+    # the store is shared by every variant, damping and measurement: one refinement grows it for all
+    # (another one per changed setting would only queue behind it and crowd the job list)
+    if any(s["kind"] == "influence" and (s.get("args") or {}).get("rounds") == settings.rounds
+           and _store_fields((s["args"].get("settings") or {})) == _store_fields(args["settings"])
+           for s in jobs.active_jobs(run.path)):
         return
     jobs.start("influence", run.path, full, owner=session_id(), priority="background",
                label=f"refining: the training gradients' remaining rounds ({settings.train_draws} draws in all)")

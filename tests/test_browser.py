@@ -11,6 +11,7 @@ quick rehearsal; the results files are only written for the demo run).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -115,6 +116,17 @@ def page(browser):
 def _open(page, url: str, heading: str, timeout_s: float = 120) -> None:
     page.goto(url, timeout=timeout_s * 1000)
     page.get_by_role("heading", name=heading).first.wait_for(timeout=timeout_s * 1000)
+
+
+def _shot(page, name: str) -> None:
+    """A screenshot once the page has settled: no rerun in flight and every image decoded (a shot
+    taken as soon as a caption appears shows captions over empty image slots)."""
+    page.wait_for_timeout(1000)
+    with contextlib.suppress(Exception):  # best effort: a page that keeps rerunning is shot as it is
+        page.locator("[data-testid='stStatusWidget']").wait_for(state="hidden", timeout=30_000)
+        page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)",
+                               timeout=30_000)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 def _no_exception(page) -> None:
@@ -276,7 +288,7 @@ def test_two_sessions_on_a_fresh_server(browser, server, fresh_demo):
     for pg in (a, b):
         _no_traceback(pg)
     _assert_same_gallery(a, b)  # identical settings, identical galleries
-    a.screenshot(path=str(SHOTS / "attribute_first.png"), full_page=True)
+    _shot(a, "attribute_first")
 
     def switch(name, action, settings, timeout_s=60, note=""):
         t = time.time()
@@ -313,7 +325,7 @@ def test_two_sessions_on_a_fresh_server(browser, server, fresh_demo):
     _wait_scored(b, "EK-FAC · MC Fisher · expand · damping 1e-08 · loss", WAIT_S)
     record["ekfac_first_build_s"] = time.time() - ekfac_t0  # in B, from its click (A's switches meanwhile)
     _no_traceback(b)
-    b.screenshot(path=str(SHOTS / "attribute_ekfac.png"), full_page=True)
+    _shot(b, "attribute_ekfac")
     switch("variant K-FAC -> EK-FAC (built by B)", lambda: _click_radio(a, "ekfac"),
            "EK-FAC · MC Fisher · expand · damping 1e-07 · ELBO (via the loss's gradient)", timeout_s=600)
     switch("weight sharing expand -> reduce", lambda: _click_radio(a, "reduce"),
@@ -348,7 +360,7 @@ def test_attribute_deep_link_and_baselines(page, server):
     page.get_by_text("Baselines for the same query").wait_for(timeout=60_000)
     page.wait_for_timeout(8000)
     _no_exception(page)
-    page.screenshot(path=str(SHOTS / "attribute_baselines.png"), full_page=True)
+    _shot(page, "attribute_baselines")
 
 
 @pytest.mark.parametrize("path, heading, marker", [
@@ -360,4 +372,4 @@ def test_pages_open(page, server, path, heading, marker):
     page.wait_for_timeout(1500)  # let images and charts render
     _no_exception(page)
     assert page.get_by_text("Page not found").count() == 0
-    page.screenshot(path=str(SHOTS / f"{path or 'model'}.png"), full_page=True)
+    _shot(page, path or "model")

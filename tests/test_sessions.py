@@ -533,3 +533,31 @@ def test_store_rounds_are_weighed_by_their_draws():
     assert work_fraction(entry, 4.5 * n, 6 * n) == pytest.approx((12 + 4) / 28)
     assert work_fraction(entry, 6 * n, 6 * n) == 1.0
     assert work_fraction({"kind": "factors"}, 3, 12) == 0.25
+
+
+def test_one_refinement_grows_the_shared_store_for_every_setting(monkeypatch, tmp_path):
+    """The store does not depend on the variant, damping or measurement: while one background
+    refinement grows it, a gallery for other settings starts no second one (which would only queue
+    behind it and crowd the job list); settings with another store still get their own."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from app_pages import _attribute_jobs as aj
+    from attribution.influence import InfluenceSettings
+
+    started = []
+    monkeypatch.setattr(aj, "warmup_enabled", lambda: True)
+    monkeypatch.setattr(aj, "session_id", lambda: "me")
+    monkeypatch.setattr(aj.jobs, "start", lambda kind, run_dir, args, **kw: started.append(args))
+    monkeypatch.setattr(aj.jobs, "status", lambda run_dir, jid: None)
+    running = asdict(InfluenceSettings())
+    monkeypatch.setattr(aj.jobs, "active_jobs", lambda run_dir: [
+        {"kind": "influence", "status": "running", "args": {"settings": running, "rounds": InfluenceSettings().rounds}}])
+    run = SimpleNamespace(path=tmp_path)
+    common = {"query_set": "queries", "query_indices": [0], "model": "m"}
+    other_variant = asdict(InfluenceSettings(method="ekfac", kfac_type="reduce", damping=1e-6))
+    aj.start_refinement(run, {"settings": other_variant, **common})
+    assert started == []
+    other_store = asdict(InfluenceSettings(train_draws=64))
+    aj.start_refinement(run, {"settings": other_store, **common})
+    assert len(started) == 1 and started[0]["rounds"] == InfluenceSettings(train_draws=64).rounds
