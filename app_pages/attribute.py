@@ -19,6 +19,7 @@ from app_pages._attribute_jobs import (influence_result, refinement_watch, start
                                        warmup_status)
 from app_pages._common import (current_run, dataset, ensure_job, image_grid, model_fingerprint, require_model,
                                samples, user_errors)
+from app_pages._url import check_choice, check_range
 
 BASELINES = {"pixel": "pixel cosine", "clip": "CLIP cosine", "trak": "TRAK", "dtrak": "D-TRAK"}
 GROUPS = (("positive", "Top positive (proponents)"), ("negative", "Top negative (opponents)"),
@@ -121,10 +122,12 @@ with left:
     st.markdown("#### Query")
     picked = st.session_state.get("queries") or {}
     default_set = picked.get("set") if picked.get("set") in names else ("queries" if "queries" in names else names[0])
+    check_choice("a_set", names, default_set, what="sample set")
     qset = st.selectbox("Sample set", names, index=names.index(default_set), key="a_set", bind="query-params")
     s = samples(run, qset)
     n_q = len(s["images"])
     default_q = min(picked.get("indices", [0])[0], n_q - 1) if picked.get("set") == qset else 0
+    check_choice("a_q", list(range(n_q)), default_q, what="query index")
     q = st.selectbox("Query sample (index in the set)", list(range(n_q)), index=default_q, key="a_q",
                      bind="query-params")
     image_grid(s["images"][q:q + 1], [f"query {qset}[{q}]"], columns=1, size=160)
@@ -132,15 +135,18 @@ with left:
     st.markdown("#### Settings")
     # URL-bound widgets keep the CLI's names as options and no format_func: Streamlit writes the
     # formatted label into the URL, and the link should read ?a_m=elbo
+    check_choice("a_m", list(MEASURE_LABELS), "loss", what="measurement")
     measurement = st.selectbox("Measurement (attributed)", list(MEASURE_LABELS), key="a_m", bind="query-params",
                                on_change=_measurement_changed,
                                help=" · ".join(f"{k_}: {v}" for k_, v in MEASURE_LABELS.items()))
     timestep = None
     if measurement == "lt":
+        check_range("a_t", 0, T - 1, 499, cast=int, what="timestep")
         timestep = st.slider("Timestep t (0-indexed)", 0, T - 1, 499, key="a_t", bind="query-params")
     approx_options = ["same"] + list(MEASURE_LABELS)
     if "a_am" not in st.session_state and "a_am" not in st.query_params:
         st.session_state["a_am"] = default_approx(measurement)
+    check_choice("a_am", approx_options, st.session_state.get("a_am", "same"), what="approximation measurement")
     approx = st.selectbox("Gradient used in the approximation", approx_options, key="a_am", bind="query-params",
                           on_change=_approx_changed,
                           help="Measurement substitution: another measurement's gradient stands in for the "
@@ -150,14 +156,19 @@ with left:
     if approx == "lt":
         approx_t = st.slider("Approximation timestep", 0, T - 1, timestep if timestep is not None else 499,
                              key="a_at", bind="query-params")
+    check_choice("a_h", ["kfac", "ekfac"], "kfac", what="Hessian")
     method = st.radio("Hessian", ["kfac", "ekfac"], key="a_h", bind="query-params", horizontal=True,
                       help="kfac: K-FAC · ekfac: EK-FAC (K-FAC's eigenbasis with re-fitted eigenvalues)")
+    check_choice("a_f", ["mc", "empirical"], "mc", what="curvature")
     fisher = st.radio("Curvature", ["mc", "empirical"], key="a_f", bind="query-params", horizontal=True,
                       help="mc: MC Fisher = GGN (the paper's) · empirical: empirical Fisher (TRAK's implicit one)")
+    check_choice("a_kt", ["expand", "reduce"], "expand", what="K-FAC weight sharing")
     kfac_type = st.radio("K-FAC weight sharing", ["expand", "reduce"], key="a_kt", bind="query-params",
                          horizontal=True)
+    check_choice("a_d", log_damping_options(), 1e-8, format_func=lambda v: f"{v:.1e}", what="damping")
     damping = st.select_slider("Damping λ (log scale)", log_damping_options(), value=1e-8, key="a_d",
                                bind="query-params", format_func=lambda v: f"{v:.1e}")
+    check_range("a_k", 1, 32, 8, cast=int, what="top-k")
     k = st.slider("Top-k", 1, 32, 8, key="a_k", bind="query-params")
     with st.expander("Monte-Carlo draws"):
         from attribution.influence import InfluenceSettings as _Defaults

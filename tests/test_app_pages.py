@@ -212,6 +212,19 @@ def test_compare_page_warns_about_bad_url_parameters(page_run, monkeypatch):
         assert frag in w, (frag, w)
 
 
+def test_attribute_page_warns_about_bad_url_parameters(page_run, monkeypatch):
+    """?a_d=-1, ?a_m=nonsense, ?a_q=999 (issue 12, section 4): each is named with the value used."""
+    monkeypatch.setenv("ATTRIBUTION_RUN", str(page_run.path))
+    at = _fresh("attribute", {"a_d": "-1", "a_m": "nonsense", "a_q": "999", "a_k": "0", "a_h": "hessian",
+                              "a_b": "false"})
+    w = _texts(at.warning)
+    for frag in ("`a_d=-1` is not a valid damping", "using `1.0e-08` instead",
+                 "`a_m=nonsense` is not a valid measurement", "using `loss` instead",
+                 "`a_q=999` is not a valid query index", "using `0` instead",
+                 "`a_k=0` is not a valid top-k", "`a_h=hessian` is not a valid Hessian"):
+        assert frag in w, (frag, w)
+
+
 # ----------------------------------------------------------------------------- LDS
 
 
