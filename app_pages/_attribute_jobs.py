@@ -61,12 +61,12 @@ def influence_result(run, args: dict, label: str, ds):
     return state, None if scores is None else scores[0], None if state is None else state.get("result")
 
 
-STORE_FIELDS = ("train_draws", "preview_draws", "seed", "store_dtype", "draw_scheme", "factor_draws")
+def _store_key(settings: dict) -> str:
+    """The store's artifact key, as the job scheduler keys its builds (one store for every variant)."""
+    from attribution.influence import InfluenceSettings
+    from attribution.job_kinds import artifact_keys
 
-
-def _store_fields(settings: dict) -> tuple:
-    """What the training-gradient store depends on (attribution.influence._store_args)."""
-    return tuple(settings.get(f) for f in STORE_FIELDS)
+    return artifact_keys("", InfluenceSettings(**settings))["store"]
 
 
 def start_refinement(run, args: dict) -> None:
@@ -85,7 +85,7 @@ def start_refinement(run, args: dict) -> None:
     # the store is shared by every variant, damping and measurement: one refinement grows it for all
     # (another one per changed setting would only queue behind it and crowd the job list)
     if any(s["kind"] == "influence" and (s.get("args") or {}).get("rounds") == settings.rounds
-           and _store_fields((s["args"].get("settings") or {})) == _store_fields(args["settings"])
+           and _store_key(s["args"]["settings"]) == _store_key(args["settings"])
            for s in jobs.active_jobs(run.path)):
         return
     jobs.start("influence", run.path, full, owner=session_id(), priority="background",

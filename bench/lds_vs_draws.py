@@ -12,13 +12,12 @@ round (minutes of CPU on the CIFAR-2 run).
     OMP_NUM_THREADS=1 .venv/bin/python bench/lds_vs_draws.py --run demo/cifar2
     OMP_NUM_THREADS=1 .venv/bin/python bench/lds_vs_draws.py --run demo/run --methods kfac,trak,dtrak
 
-Results: bench/results/lds_vs_draws_<run name>.{json,md} (written after every method).
+Results: bench/results/lds_vs_draws_<run name>.{json,md} (written after every round).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from attribution.runs import open_run, write_json  # noqa: E402
+from bench_gallery import fresh_copy  # noqa: E402  (the run without its derived artifacts)
 
 RESULTS = ROOT / "bench" / "results"
 LABELS = {"kfac": "K-FAC mc expand", "ekfac": "EK-FAC mc expand", "trak": "TRAK", "dtrak": "D-TRAK"}
@@ -84,7 +84,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from attribution.evaluation import find_ground_truth
-
     from attribution.lds import lds
 
     src = open_run(a.run)
@@ -100,9 +99,7 @@ def main(argv=None) -> int:
            "methods": {m: [] for m in methods}}
     draws = {m: method_round_draws(m) for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
-        dst = Path(tmp) / Path(a.run).resolve().name
-        shutil.copytree(a.run, dst, ignore=shutil.ignore_patterns("artifacts", "jobs", "lds", "train_state"))
-        run = open_run(dst)
+        run = open_run(fresh_copy(Path(a.run).resolve(), Path(tmp)))
         for r in range(1, max(len(d) for d in draws.values()) + 1):
             for m in (m for m in methods if r <= len(draws[m])):
                 t0 = time.process_time()
