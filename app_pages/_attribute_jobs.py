@@ -88,7 +88,7 @@ def start_refinement(run, args: dict) -> None:
            and _store_key(s["args"]["settings"]) == _store_key(args["settings"])
            for s in jobs.active_jobs(run.path)):
         return
-    jobs.start("influence", run.path, full, owner=session_id(), priority="background",
+    jobs.start("influence", run.path, full, mode=jobs.app_mode(), owner=session_id(), priority="background",
                label=f"refining: the training gradients' remaining rounds ({settings.train_draws} draws in all)")
 
 
@@ -123,7 +123,7 @@ def start_warmup(run, settings: dict, query_set: str, query: int, model: str, ba
 
     steps = warmup_steps(settings, query_set, query, model, list(baselines),
                          rounds=scored_rounds(run, InfluenceSettings(**settings)))
-    started[key] = jobs.start("warmup", run.path, {"steps": steps}, owner=session_id(),
+    started[key] = jobs.start("warmup", run.path, {"steps": steps}, mode=jobs.app_mode(), owner=session_id(),
                               label=f"warm-up for query {query_set}[{query}]: the other Hessian variants and the baselines",
                               priority="background")
     st.session_state["_warmup_jid"] = started[key]

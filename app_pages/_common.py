@@ -229,7 +229,7 @@ def job_progress(run_path: str, jid: str, label: str) -> None:
 
 
 def _start(run: Run, kind: str, args: dict, label: str, priority: str = "user") -> str:
-    return jobs.start(kind, run.path, args, owner=session_id(), label=label, priority=priority)
+    return jobs.start(kind, run.path, args, mode=jobs.app_mode(), owner=session_id(), label=label, priority=priority)
 
 
 def ensure_job(run: Run, kind: str, args: dict, label: str, auto_start: bool = True,

@@ -15,8 +15,8 @@ from attribution.errors import UserError
 from attribution.measurements import DrawOptions, DrawScheme, Measurement, parse_measurement
 from attribution.store import round_schedule
 
-DEFAULT_TRAIN_DRAWS = 128
-DEFAULT_PREVIEW_DRAWS = 2
+DEFAULT_TRAIN_DRAWS = 256
+DEFAULT_PREVIEW_DRAWS = 1
 DEFAULT_QUERY_DRAWS = 2048
 DEFAULT_FACTOR_DRAWS = 2
 DEFAULT_DRAW_SCHEME = DrawScheme.IMPORTANCE.value

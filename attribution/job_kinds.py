@@ -342,7 +342,8 @@ def _run_warmup(run_dir: Path, args: dict, progress) -> dict:
         state = jobs.status(run_dir, jid)
         if state is not None and state["status"] == "done" and jobs.has_result(run_dir, state):
             continue
-        jobs.start(step["kind"], run_dir, step["args"], owner=owner, label=step.get("label"), priority="background")
+        jobs.start(step["kind"], run_dir, step["args"], mode=jobs.app_mode(), owner=owner, label=step.get("label"),
+                   priority="background")
         while True:
             try:
                 state = jobs.wait(run_dir, jid, timeout=1.0)

@@ -26,8 +26,11 @@ Owners: a job records the session that started it (``owner``); :func:`cancel` wi
 another session's job (the CLI, ``by=None``, may cancel any).
 
 Workers make no streamlit calls. Three ways to run one:
-- ``start(..., mode="thread")``: a daemon thread of the current process (the app: imports warm);
+- ``start(..., mode="thread")``: a daemon thread of the current process (imports warm);
 - ``start(..., mode="process")``: a detached ``python -m attribution.jobs exec`` process;
+- ``start(..., mode="auto")`` (the app): a process when the job builds something, else a thread.
+  A build in a thread of the Streamlit server shares its GIL with every page rerun and ran about
+  2x slower there (bench/results/first_gallery.md); a re-score stays a thread (no start-up);
 - ``execute(...)``: in the foreground (the CLI: ``python -m attribution.jobs run KIND --run DIR``).
 Cancel with :func:`cancel`: a marker file the worker's progress callback checks (and SIGINT for a
 process worker); the work stops at the next progress report, keeping what was built.
@@ -69,6 +72,15 @@ _LOCK = threading.RLock()  # guards admission and start in this process (with a 
 _CHANGED = threading.Condition()  # notified whenever a job of this process ends or is admitted
 _LOCK_DEPTH = {"n": 0, "fh": None}
 _JOINERS: dict[str, set] = {}  # job id -> other sessions of this process that asked for the same job
+
+
+def app_mode() -> str:
+    """How the app starts jobs: ``$ATTRIBUTION_JOB_MODE`` (auto | thread | process; default auto).
+    Tests that hold a build inside this process (a patched function) set thread."""
+    mode = os.environ.get("ATTRIBUTION_JOB_MODE", "auto")
+    if mode not in ("thread", "process", "auto"):
+        raise UserError(f"ATTRIBUTION_JOB_MODE must be auto, thread or process, got {mode!r}")
+    return mode
 
 
 @contextlib.contextmanager
@@ -233,8 +245,8 @@ def start(kind: str, run_dir: Path, args: dict, mode: str = "thread", owner: Opt
     the job is for, in words (shown to other sessions); ``priority``: "user" or "background"."""
     if kind not in KINDS:
         raise UserError(f"unknown job kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if mode not in ("thread", "process"):
-        raise UserError(f"mode must be 'thread' or 'process', got {mode!r}")
+    if mode not in ("thread", "process", "auto"):
+        raise UserError(f"mode must be 'thread', 'process' or 'auto', got {mode!r}")
     if priority not in NICE:
         raise UserError(f"priority must be 'user' or 'background', got {priority!r}")
     run_dir = Path(run_dir)
@@ -246,6 +258,8 @@ def start(kind: str, run_dir: Path, args: dict, mode: str = "thread", owner: Opt
                 _JOINERS.setdefault(jid, set()).add(owner)
             return jid
         _JOINERS.pop(jid, None)
+        if mode == "auto":
+            mode = "process" if KINDS[kind].needs(run_dir, args) else "thread"
         if mode == "thread" and kind in SHARED_MODEL_KINDS and any(
                 _engine_key() in (s.get("builds") or []) for s in active_jobs(run_dir)) \
                 and KINDS[kind].needs(run_dir, args):

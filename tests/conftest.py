@@ -8,6 +8,10 @@ from pathlib import Path
 # One thread per test process: several processes share this 2-core machine, and OpenMP
 # oversubscription slows everything down tenfold. Tests are small; one thread suffices.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# AppTests hold and patch builds inside this process, so the app's jobs run as threads here (the
+# served app runs builds as processes: tests/test_jobs.py checks that mode, and the browser tier
+# exercises it).
+os.environ.setdefault("ATTRIBUTION_JOB_MODE", "thread")
 
 import pytest
 import torch

@@ -178,3 +178,27 @@ def test_lds_job_builds_ground_truth_on_the_configured_executor(run_copy, monkey
     assert [t["measurement"] for t in truths] == ["loss"] and truths[0]["num_subsets"] == 2
     again = jobs.execute("lds", run_copy.path, args)
     assert again["status"] == "done" and again["result"]["truth_dir"] == state["result"]["truth_dir"]
+
+
+def test_auto_mode_builds_in_a_process_and_rescores_in_a_thread(run_copy, tmp_path, monkeypatch):
+    """The app's mode: a job that builds artifacts runs as a process of its own (in a thread it would
+    share the server's GIL with every page rerun); a re-score on cached artifacts stays a thread."""
+    from attribution.runs import Run
+
+    monkeypatch.setenv("ATTRIBUTION_JOB_MODE", "auto")
+    assert jobs.app_mode() == "auto"
+    dst = tmp_path / "auto"
+    shutil.copytree(run_copy.path, dst, ignore=shutil.ignore_patterns("artifacts", "jobs"))
+    settings = {"method": "kfac", "damping": 1e-4, "train_draws": 4, "query_draws": 4, "factor_draws": 1}
+    build = {"settings": settings, "query_set": "queries", "query_indices": [0]}
+    jid = jobs.start("influence", dst, build, mode=jobs.app_mode())
+    state = jobs.wait(dst, jid, timeout=600)
+    assert state["status"] == "done", state.get("error")
+    assert state["worker"]["mode"] == "process" and state["builds"]
+    rescore = {**build, "settings": {**settings, "damping": 1e-2}}
+    jid2 = jobs.start("influence", Run(dst).path, rescore, mode=jobs.app_mode())
+    state2 = jobs.wait(dst, jid2, timeout=600)
+    assert state2["status"] == "done" and state2["worker"]["mode"] == "thread" and state2["builds"] == []
+    monkeypatch.setenv("ATTRIBUTION_JOB_MODE", "fast")
+    with pytest.raises(Exception, match="ATTRIBUTION_JOB_MODE"):
+        jobs.app_mode()
