@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PYTEST  := $(BIN)/python -m pytest
 DEMO    := demo/run
 
-.PHONY: app test test-slow test-browser test-all install demo-run demo-cifar2 bench bench-gallery lds-demo lds-cifar2 clean-venv
+.PHONY: app test test-slow test-browser test-all install demo-run demo-cifar2 bench bench-gallery bench-first-gallery ship-factors lds-demo lds-cifar2 clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -73,6 +73,16 @@ lds-cifar2: $(STAMP)
 bench-gallery: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_gallery.py --run demo/run --out bench/results/gallery_demo
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_gallery.py --run demo/cifar2 --out bench/results/gallery_cifar2
+
+## Browser: first gallery on a fresh copy of each shipped run (bench/results/first_gallery.md).
+bench-first-gallery: $(STAMP)
+	$(BIN)/python bench/bench_first_gallery.py --runs demo/run,demo/cifar2
+
+## The default K-FAC factors the shipped runs carry (after retraining a shipped model; then update
+## the two hashes in .gitignore; tests/test_shipped_factors.py checks them against a fresh build).
+ship-factors: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m attribution build --run demo/run --what factors --quiet
+	OMP_NUM_THREADS=1 $(BIN)/python -m attribution build --run demo/cifar2 --what factors --quiet
 
 clean-venv:
 	rm -rf $(VENV)

@@ -29,8 +29,8 @@ from typing import Optional
 DEMO_PARAMS = 175_569
 DEMO_PIXELS = 16 * 16
 PRIOR_S_PER_UNIT = {
-    "store": 0.0041,  # 1,000 x 32 draws in 130 s
-    "query_gradients": 0.0052,  # 16 x 64 draws in about 5.3 s
+    "store": 0.0026,  # per row and draw, rounds' rewrite included as extra draws (job_kinds); gallery_demo.md
+    "query_gradients": 0.0035,  # 1 x 1,024 draws in 3.4-3.8 s in a worker process (first_gallery.md)
     "factors:mc/expand": 0.0150,  # 107 s extrapolated, 117-156 s measured on all N
     "factors:mc/reduce": 0.0076,
     "factors:empirical/expand": 0.0178,

@@ -253,10 +253,17 @@ def _plan_influence(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
         if done == 0 and settings.draw_scheme == "importance":
             plan.append({"name": "timestep proposal (a pilot on 32 training images)", "kind": "proposal",
                          "units": _pilot_units(), **size})
+        cost = [d + STORE_ROUND_OVERHEAD_DRAWS for d in draws]  # each round also rewrites its half of the store
         plan.append({"name": f"training-image gradients ({n:,} images x {sum(draws)} draws, "
-                             f"{len(draws)} rounds)", "kind": "store", "units": n * sum(draws),
-                     "segments": draws, **size})
+                             f"{len(draws)} rounds)", "kind": "store", "units": n * sum(cost),
+                     "segments": cost, **size})
     return plan
+
+
+# A store round rewrites its half of the store ([N, P] float16) besides computing its draws: on the
+# demo run that costs about as much as 3 more draws per round (a fit of 14 rounds' CPU times,
+# bench/results/gallery_demo.md: 2.6 s per draw of 1,000 images + 8.4 s per round).
+STORE_ROUND_OVERHEAD_DRAWS = 3
 
 
 def _pilot_units() -> int:

@@ -60,15 +60,18 @@ def quantize_rows(x: Tensor, dtype: str,
     x = x.detach().float()
     bounds = _block_bounds(x.shape[1], blocks)
     sizes = torch.tensor([b - a for a, b in bounds])
-    block_of = torch.repeat_interleave(torch.arange(len(bounds)), sizes).expand(x.shape[0], -1)
-    amax = torch.zeros(x.shape[0], len(bounds)).scatter_reduce_(1, block_of, x.abs(), "amax").clamp_min(1e-30)
+    if len(bounds) == 1:  # one scale per row (the float16 store): a plain row max, no block index
+        amax = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    else:
+        block_of = torch.repeat_interleave(torch.arange(len(bounds)), sizes).expand(x.shape[0], -1)
+        amax = torch.zeros(x.shape[0], len(bounds)).scatter_reduce_(1, block_of, x.abs(), "amax").clamp_min(1e-30)
     if dtype == "int8":
         scale = amax / 127.0
     elif dtype == "float16":
         scale = amax / FP16_ROW_MAX
     else:
         raise UserError(f"unknown gradient store dtype {dtype!r}; choose {' or '.join(STORE_DTYPES)}")
-    y = x / scale.repeat_interleave(sizes, dim=1)
+    y = x / (scale if len(bounds) == 1 else scale.repeat_interleave(sizes, dim=1))
     q = torch.round(y).clamp_(-127, 127).to(torch.int8) if dtype == "int8" else y.to(torch.float16)
     return q.numpy(), scale.numpy().astype(np.float32)
 
@@ -310,7 +313,7 @@ def _build_round(directory, hdir, nxt, unet, schedule, images, m, num_draws, see
                                   offset=start, rows_per_batch=rows_per_batch or ROWS_PER_BATCH,
                                   options=DrawOptions(options.scheme, options.hflip, r, options.proposal,
                                                       options.train_mode))
-        if not torch.isfinite(g).all():
+        if not torch.isfinite(g.sum()):  # one reduction: an inf or NaN anywhere makes the sum non-finite
             raise UserError(f"non-finite training gradients in rows {start}..{stop - 1}; check the model")
         if old is not None:  # running mean of this half's draws (prev of them already in ``old``)
             g = (old.rows(start, stop) * prev + g.float() * num_draws) / (prev + num_draws)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from attribution.runs import write_json  # noqa: E402
 from test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _wait_scored  # noqa: E402
-from test_browser_pages import _copy_shipped  # noqa: E402
+from shipped import copy_shipped  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEFAULT = "K-FAC · MC Fisher · expand · damping 1e-08 · loss"
@@ -70,12 +70,31 @@ def _stages(run: Path, until: float) -> list[dict]:
     return out
 
 
-def measure(src: Path, timeout_s: float) -> dict:
+def _timeline(run: Path, t0: float, seconds: float) -> dict:
+    """Seconds after the page load at which the user's influence job was asked for, admitted, began
+    its first stage and finished, and the gallery appeared: where the time outside the stages goes."""
+    from attribution import jobs
+
+    user = [s for s in jobs.list_jobs(run) if s["kind"] == "influence" and s.get("priority") == "user"
+            and s.get("queued_at", 0) <= t0 + seconds]
+    if not user:
+        return {}
+    s = min(user, key=lambda x: x["queued_at"])
+    first = min((e["started"] for e in s.get("plan") or [] if e.get("started")), default=None)
+    rel = lambda t: None if t is None else round(t - t0, 1)  # noqa: E731
+    return {"asked": rel(s["queued_at"]), "admitted": rel(s.get("started")), "first_stage": rel(first),
+            "finished": rel(s["updated"] if s["status"] == "done" else None), "gallery": round(seconds, 1),
+            "mode": s["worker"]["mode"]}
+
+
+def measure(src: Path, timeout_s: float, shipped_artifacts: bool = True) -> dict:
     from playwright.sync_api import sync_playwright
 
     root = Path(tempfile.mkdtemp(prefix="first-gallery-"))
     run = root / src.name
-    _copy_shipped(src, run)
+    copy_shipped(src, run)
+    if not shipped_artifacts:  # as if the run shipped no derived artifact (the default K-FAC factors)
+        shutil.rmtree(run / "artifacts", ignore_errors=True)
     proc, url = _serve(run, root / "streamlit.log")
     load = os.getloadavg()[0]
     try:
@@ -89,22 +108,31 @@ def measure(src: Path, timeout_s: float) -> dict:
             body = page.locator("body").inner_text()
             browser.close()
         stages = _stages(run, t0 + seconds)
+        timeline = _timeline(run, t0, seconds)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         shutil.rmtree(root, ignore_errors=True)
-    preview = next((line for line in body.splitlines() if line.startswith("Preview")), "")
+    preview = next((line.strip() for line in body.splitlines() if "Preview:" in line), "")
     return {"run": str(src.relative_to(ROOT)), "first_gallery_s": round(seconds, 1), "load_average_start": round(load, 2),
-            "preview_line": preview, "stages": stages}
+            "preview_line": preview, "stages": stages, "timeline": timeline}
 
 
 def markdown(res: dict) -> str:
-    lines = ["# First gallery in the browser (fresh copy of each shipped run, fresh server)", "",
+    what = ("what git ships, incl. the default K-FAC factors" if res.get("shipped_artifacts", True)
+            else "WITHOUT the shipped K-FAC factors, so the first gallery builds them")
+    lines = [f"# First gallery in the browser (fresh copy of each shipped run: {what}; fresh server)", "",
              f"{res['when']} · `{res['command']}` · {res['cpus']} CPUs. From the page load until the gallery scored "
              f"for the default settings ({DEFAULT}) is on screen, one session.", "",
              "| run | first gallery s | load average at start | preview |", "|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['first_gallery_s']} | {r['load_average_start']} | {r['preview_line']} |"
               for r in res["runs"]]
+    lines += ["", "Timeline of the user's job, seconds after the page load (asked: the page requested it; admitted: "
+              "the scheduler let it run; first stage: its worker began computing; finished: its result was written; "
+              "gallery: on screen):", "", "| run | worker | asked | admitted | first stage | finished | gallery |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {t.get('mode')} | {t.get('asked')} | {t.get('admitted')} | {t.get('first_stage')} | "
+              f"{t.get('finished')} | {t.get('gallery')} |" for r in res["runs"] for t in [r.get("timeline") or {}]]
     for r in res["runs"]:
         lines += ["", f"Stages before the first gallery of {r['run']} (jobs run in parallel, so they overlap):", "",
                   "| job | priority | stage | measured s | estimate at start s |", "|---|---|---|---|---|"]
@@ -116,6 +144,9 @@ def markdown(res: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default="demo/run,demo/cifar2", help="shipped runs, comma-separated (default: %(default)s)")
+    ap.add_argument("--no-shipped-artifacts", action="store_true",
+                    help="delete the run's shipped artifacts (its default K-FAC factors) from the copy; results go "
+                         "to first_gallery_unshipped.{json,md}")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds to wait for a gallery (default: %(default)s)")
     args = ap.parse_args()
     if not Path(CHROMIUM).exists():
@@ -124,10 +155,12 @@ def main() -> int:
     res = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
            "command": "python bench/bench_first_gallery.py " + " ".join(sys.argv[1:]), "runs": []}
     for name in args.runs.split(","):
-        res["runs"].append(measure(ROOT / name.strip(), args.timeout))
+        res["runs"].append(measure(ROOT / name.strip(), args.timeout, not args.no_shipped_artifacts))
         print(f"{name}: first gallery {res['runs'][-1]['first_gallery_s']} s", flush=True)
-    write_json(RESULTS / "first_gallery.json", res)
-    (RESULTS / "first_gallery.md").write_text(markdown(res))
+    stem = "first_gallery_unshipped" if args.no_shipped_artifacts else "first_gallery"
+    res["shipped_artifacts"] = not args.no_shipped_artifacts
+    write_json(RESULTS / f"{stem}.json", res)
+    (RESULTS / f"{stem}.md").write_text(markdown(res))
     print(markdown(res))
     return 0
 

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shipped import copy_shipped  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = Path(os.environ.get("ATTRIBUTION_BROWSER_RUN", ROOT / "demo" / "run"))
 RESULTS = ROOT / "bench" / "results"
@@ -46,7 +49,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def fresh_demo():
-    """The shipped demo run without any derived artifact (model, data config, samples only).
+    """What git ships of the demo run (a fresh clone's copy: model, config, queries, the default
+    K-FAC factors; no artifact built on this machine).
 
     In its own temporary folder, not pytest's tmp_path: pytest deletes old base folders when
     other pytest sessions start, which would pull the run away under this long test."""
@@ -54,13 +58,7 @@ def fresh_demo():
         pytest.skip("the shipped demo run (demo/run) has no trained model")
     root = Path(tempfile.mkdtemp(prefix="attribution-browser-"))
     dst = root / "demo-fresh"
-    dst.mkdir()
-    for name in ("config.json", "loss_curve.json"):
-        if (DEMO / name).exists():
-            shutil.copy2(DEMO / name, dst / name)
-    for name in ("model", "samples", "data"):  # data: a dataset subset shipped inside the run, if any
-        if (DEMO / name).exists():
-            shutil.copytree(DEMO / name, dst / name)
+    copy_shipped(DEMO, dst)
     yield dst
     shutil.rmtree(root, ignore_errors=True)
 

@@ -26,6 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pngs import bomb_png  # noqa: E402
+from shipped import copy_shipped  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "screenshots"
@@ -37,21 +38,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(3600)]
 
 
 def _copy_shipped(src: Path, dst: Path) -> None:
-    """What git ships of a run: no artifacts, jobs, retrained models or user-made sample sets."""
-    dst.mkdir(parents=True)
-    for name in ("config.json", "loss_curve.json"):
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
-    for name in ("model", "data", "lds_truth"):
-        if (src / name).is_dir():
-            shutil.copytree(src / name, dst / name)
-    (dst / "samples").mkdir()
-    shutil.copy2(src / "samples" / "queries.safetensors", dst / "samples" / "queries.safetensors")
-    for p in list((src / "lds").glob("cf-*/report_*.json")) + list((src / "lds").glob("cf-*/regen_*")):
-        if ".progress_" in p.name:
-            continue
-        (dst / "lds" / p.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(p, dst / "lds" / p.parent.name / p.name)
+    """What git ships of a run: no artifacts built here, jobs, retrained models or user-made sample sets."""
+    copy_shipped(src, dst)
 
 
 def _ensure_regeneration(run_dir: Path) -> bool:

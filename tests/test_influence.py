@@ -335,3 +335,21 @@ def test_influence_scores_bad_input(micro_run):
                 dict(train_draws=0)]:
         with pytest.raises(UserError):
             InfluenceSettings(**bad)
+
+
+def test_quantize_rows_one_scale_per_row_and_per_block():
+    """float16 rows: one absmax scale per row (the fast path), exact to float16 precision relative to
+    the row's max; int8 blocks: one scale per row and block, each block's absmax maps to 127."""
+    from attribution.store import FP16_ROW_MAX, dequantize_rows, quantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 40, generator=g) * torch.logspace(-3, 3, 5).unsqueeze(1)
+    q, s = quantize_rows(x, "float16")
+    assert s.shape == (5, 1)
+    assert torch.allclose(torch.from_numpy(s[:, 0]), x.abs().amax(1) / FP16_ROW_MAX)
+    back = dequantize_rows(q, s)
+    assert ((back - x).abs().amax(1) <= x.abs().amax(1) * 2.0**-10).all()
+    q8, s8 = quantize_rows(x, "int8", blocks=[10, 30])
+    assert s8.shape == (5, 2)
+    assert torch.allclose(torch.from_numpy(s8), torch.stack([x[:, :10].abs().amax(1), x[:, 10:].abs().amax(1)], 1) / 127)
+    assert (np.abs(q8[:, :10]).max(1) == 127).all() and (np.abs(q8[:, 10:]).max(1) == 127).all()

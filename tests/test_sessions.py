@@ -561,3 +561,28 @@ def test_one_refinement_grows_the_shared_store_for_every_setting(monkeypatch, tm
     other_store = asdict(InfluenceSettings(train_draws=64))
     aj.start_refinement(run, {"settings": other_store, **common})
     assert len(started) == 1 and started[0]["rounds"] == InfluenceSettings(train_draws=64).rounds
+
+
+def test_store_estimates_count_each_rounds_rewrite(micro_run):
+    """A store round rewrites its half of the store besides computing its draws, so a preview of
+    two one-draw rounds costs far more per draw than a big round: the plan weighs each round as
+    its draws plus STORE_ROUND_OVERHEAD_DRAWS, and the priors then match both ends measured on
+    the demo run (1,000 images: preview 19.8 s in bench/results/first_gallery.md; the 256-draw
+    store ~776 CPU s in bench/results/gallery_demo.md) within 1.5x, where draws alone missed the
+    preview 3x."""
+    from attribution.influence import InfluenceSettings, run_hflip
+    from attribution.job_estimates import DEMO_PARAMS, DEMO_PIXELS, prior_rate
+    from attribution.job_kinds import STORE_ROUND_OVERHEAD_DRAWS, _plan_influence, _training_size, artifact_keys
+
+    settings = InfluenceSettings(train_draws=8, preview_draws=1, factor_draws=1, query_draws=4)
+    key = artifact_keys("queries", settings, run_hflip(micro_run))["store"]
+    args = {"settings": settings.to_dict(), "query_set": "queries", "query_indices": [0], "rounds": 2}
+    (entry,) = [e for e in _plan_influence(micro_run.path, args, [key]) if e["kind"] == "store"]
+    n = _training_size(micro_run)
+    assert entry["segments"] == [1 + STORE_ROUND_OVERHEAD_DRAWS] * 2 and entry["units"] == n * sum(entry["segments"])
+
+    rate = prior_rate("store", num_params=DEMO_PARAMS, pixels=DEMO_PIXELS)
+    preview = 1000 * 2 * (1 + STORE_ROUND_OVERHEAD_DRAWS) * rate
+    full = 1000 * sum(d + STORE_ROUND_OVERHEAD_DRAWS for d in InfluenceSettings().round_draws) * rate
+    assert 19.8 / 1.5 <= preview <= 19.8 * 1.5, preview
+    assert 776 / 1.5 <= full <= 776 * 1.5, full
