@@ -253,9 +253,13 @@ def test_attribute_page_scores_then_rescored_quickly(app, app_run):
     default_pick = at.selectbox(key="a_detail").value
     detail_buttons = [b for b in at.button if str(b.key).startswith("d_")]
     assert len(detail_buttons) >= 8, [b.key for b in at.button]
-    detail_buttons[-1].click().run()
-    assert not at.exception, at.exception
-    picked = at.session_state["a_detail"]
+    # (from the last one back: on a tiny run the neutral gallery can hold the top proponent too)
+    for i in range(1, len(detail_buttons) + 1):
+        [b for b in at.button if str(b.key).startswith("d_")][-i].click().run()
+        assert not at.exception, at.exception
+        picked = at.session_state["a_detail"]
+        if picked != default_pick:
+            break
     assert picked != default_pick and at.selectbox(key="a_detail").value == picked
     assert any(f"index **{picked}**" in m.value for m in at.markdown)
 

@@ -285,7 +285,7 @@ def test_store_grown_in_rounds_equals_one_shot_store(micro_grads, tmp_path):
     torch.testing.assert_close(tau, (ta + tb) / 2, rtol=1e-5, atol=1e-6 * float(tau.abs().max()))
 
 
-SMALL = dict(train_draws=4, query_draws=4, factor_draws=2)
+SMALL = dict(train_draws=4, query_draws=4, factor_draws=2, preview_draws=2)  # two rounds of 2 draws
 
 
 def test_influence_scores_end_to_end_cached(micro_run):
