@@ -9,8 +9,8 @@ from pathlib import Path
 # oversubscription slows everything down tenfold. Tests are small; one thread suffices.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # AppTests hold and patch builds inside this process, so the app's jobs run as threads here (the
-# served app runs builds as processes: tests/test_jobs.py checks that mode, and the browser tier
-# exercises it).
+# served app runs builds as processes: tests/test_jobs.py checks that mode, and the browser tier's
+# servers set ATTRIBUTION_JOB_MODE=auto explicitly, since they inherit this environment).
 os.environ.setdefault("ATTRIBUTION_JOB_MODE", "thread")
 
 import pytest

@@ -67,7 +67,7 @@ def fresh_demo():
 def server(fresh_demo):
     port = _free_port()
     env = {**os.environ, "ATTRIBUTION_RUN": str(fresh_demo), "ATTRIBUTION_RUNS": str(fresh_demo.parent / "runs"),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ATTRIBUTION_JOB_MODE": "auto"}  # the served app's mode
     log = open(fresh_demo.parent / "streamlit.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
@@ -333,7 +333,11 @@ def test_two_sessions_on_a_fresh_server(browser, server, fresh_demo):
            "EK-FAC · MC Fisher · reduce · damping 1e-07 · loss", timeout_s=600)
 
     # identical settings in both sessions: identical galleries
-    _click_radio(b, "reduce")
+    try:
+        _click_radio(b, "reduce")
+    except Exception:
+        b.screenshot(path=str(SHOTS / "attribute_b_failed.png"), full_page=True)  # what B showed instead
+        raise
     slider_b = b.locator("[data-testid='stSlider']").filter(has_text="Damping").get_by_role("slider")
     slider_b.press("ArrowRight")
     slider_b.press("ArrowRight")  # 1e-8 -> 1e-7

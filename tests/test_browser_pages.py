@@ -82,7 +82,7 @@ def server(runs):
     root = runs["digits"][0].parents[1]
     port = _free_port()
     env = {**os.environ, "ATTRIBUTION_RUN": str(runs["digits"][0]), "ATTRIBUTION_RUNS": str(root / "runs"),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ATTRIBUTION_JOB_MODE": "auto"}  # the served app's mode
     log = open(root / "streamlit.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType",
