@@ -174,8 +174,15 @@ def _admit(run_dir: Path, kind: str, args: dict, progress: JobProgress) -> None:
             _CHANGED.wait(timeout=0.5)
     _notify()
     if needs and (state["worker"]["mode"] == "process" or threading.current_thread() is not threading.main_thread()):
+        nice = NICE.get(state.get("priority"), 5)
         with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's nice value is its own
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE.get(state.get("priority"), 5))
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        if state["worker"]["mode"] == "process":
+            # A process worker leads its own session, hence (Linux autogroup scheduling) its own CPU
+            # group, which competes with the server's group as an equal whatever its nice value: set
+            # the group's nice too, or a build starves the pages' re-scores (seen as 7-21 s switches).
+            with contextlib.suppress(OSError):
+                Path("/proc/self/autogroup").write_text(f"{nice}\n")
 
 
 # ----------------------------------------------------------------------------- running
