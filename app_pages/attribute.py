@@ -289,10 +289,12 @@ if show_baselines:
 if rows:
     st.markdown("#### Details")
     shown = sorted({r["index"] for r in rows})
-    if st.session_state.get("a_detail") not in shown:
-        # opens on the top proponent (else the first image shown)
+    current = st.session_state.get("a_detail")
+    if current not in shown or current == st.session_state.get("_a_detail_auto"):
+        # opens on the top proponent (else the first image shown), and follows it while the gallery
+        # sharpens, until the user picks another image
         top_pos = [r["index"] for r in rows if r["group"] == "positive" and r["rank"] == 1]
-        st.session_state["a_detail"] = top_pos[0] if top_pos else rows[0]["index"]
+        st.session_state["a_detail"] = st.session_state["_a_detail_auto"] = top_pos[0] if top_pos else rows[0]["index"]
     pick = st.selectbox("Inspect a training image (or press \"details\" under any image)", shown, key="a_detail",
                         format_func=lambda i: f"{ds.ids[i]} (label {ds.label_name(int(ds.labels[i]))})")
     c1, c2 = st.columns([1, 3])

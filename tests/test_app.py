@@ -435,3 +435,37 @@ def test_lds_page_with_ground_truth(lds_run, monkeypatch, tmp_path):
     sweep = [json.loads(c.proto.spec) for c in at.get("plotly_chart")
              if json.loads(c.proto.spec)["layout"].get("xaxis", {}).get("type") == "log"]
     assert sweep and len(_arr(sweep[0]["data"][0]["x"])) == 8
+
+
+def test_details_panel_follows_the_top_proponent_until_the_user_picks(app, app_run):
+    """The details panel opens on the top proponent and follows it when the gallery changes (it
+    sharpens as rounds land, or settings change); once the user picks an image it stays on it."""
+    at = app("app_pages/attribute.py")
+    at.toggle(key="a_b").set_value(False).run()
+    _wait_all(app_run.path, timeout=300)
+    at.run()
+    first = at.session_state["a_detail"]
+    for d in (1e-2, 1e-4, 1e-6, 1e-8):  # dampings until the top proponent changes
+        at.select_slider(key="a_d").set_value(d).run()
+        _wait_all(app_run.path, timeout=300)
+        at.run()
+        assert not at.exception, at.exception
+        captions = _gallery_captions(at)
+        top_id = next(c for c in captions if c.startswith("#1 ")).split(" · ")[1]
+        shown = at.selectbox(key="a_detail").format_func(at.selectbox(key="a_detail").value).split(" ")[0]
+        assert shown.endswith(top_id), (d, shown, top_id)  # follows the current top proponent
+        if at.session_state["a_detail"] != first:
+            break
+    assert at.session_state["a_detail"] != first  # the top proponent changed, and the panel followed it
+    # the user picks another image: it stays through a settings change
+    buttons = [b for b in at.button if str(b.key).startswith("d_")]
+    for i in range(1, len(buttons) + 1):
+        [b for b in at.button if str(b.key).startswith("d_")][-i].click().run()
+        if at.session_state["a_detail"] != at.session_state["_a_detail_auto"]:
+            break
+    picked = at.session_state["a_detail"]
+    assert picked != at.session_state["_a_detail_auto"]
+    at.select_slider(key="a_d").set_value(1e-3).run()
+    _wait_all(app_run.path, timeout=300)
+    at.run()
+    assert at.session_state["a_detail"] == picked
