@@ -265,9 +265,9 @@ def start(kind: str, run_dir: Path, args: dict, mode: str = "thread", owner: Opt
                 _JOINERS.setdefault(jid, set()).add(owner)
             return jid
         _JOINERS.pop(jid, None)
-        if mode == "auto":
+        if mode == "auto":  # (a job that builds nothing never meets the engine rule below)
             mode = "process" if KINDS[kind].needs(run_dir, args) else "thread"
-        if mode == "thread" and kind in SHARED_MODEL_KINDS and any(
+        elif mode == "thread" and kind in SHARED_MODEL_KINDS and any(
                 _engine_key() in (s.get("builds") or []) for s in active_jobs(run_dir)) \
                 and KINDS[kind].needs(run_dir, args):
             mode = "process"  # this process's engine is building: build beside it, not after it

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,32 +24,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from attribution.runs import write_json  # noqa: E402
-from test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _wait_scored  # noqa: E402
+from served import CHROMIUM, CHROMIUM_ARGS, start_app, stop_app  # noqa: E402
+from test_browser import _wait_scored  # noqa: E402
 from shipped import copy_shipped  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEFAULT = "K-FAC · MC Fisher · expand · damping 1e-08 · loss"
-
-
-def _serve(run: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "ATTRIBUTION_RUN": str(run), "ATTRIBUTION_RUNS": str(run.parent / "runs"),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true",
-                             "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-                            cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise SystemExit(f"streamlit did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
 
 
 def _stages(run: Path, until: float) -> list[dict]:
@@ -95,7 +73,7 @@ def measure(src: Path, timeout_s: float, shipped_artifacts: bool = True) -> dict
     copy_shipped(src, run)
     if not shipped_artifacts:  # as if the run shipped no derived artifact (the default K-FAC factors)
         shutil.rmtree(run / "artifacts", ignore_errors=True)
-    proc, url = _serve(run, root / "streamlit.log")
+    proc, url = start_app(run, run.parent / "runs", root / "streamlit.log")
     load = os.getloadavg()[0]
     try:
         with sync_playwright() as pw:
@@ -110,8 +88,7 @@ def measure(src: Path, timeout_s: float, shipped_artifacts: bool = True) -> dict
         stages = _stages(run, t0 + seconds)
         timeline = _timeline(run, t0, seconds)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_app(proc)
         shutil.rmtree(root, ignore_errors=True)
     preview = next((line.strip() for line in body.splitlines() if "Preview:" in line), "")
     return {"run": str(src.relative_to(ROOT)), "first_gallery_s": round(seconds, 1), "load_average_start": round(load, 2),

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from attribution.runs import read_json, write_json  # noqa: E402
+from attribution.runs import open_run, read_json, write_json  # noqa: E402
 from bench_gallery import fresh_copy  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -51,8 +51,6 @@ def main() -> int:
         load = os.getloadavg()[0]
         build_s, _ = _cli("build", "--run", str(run), "--executor", "local", "--workers", str(a.workers),
                           "--seed", str(a.seed))
-        from attribution.runs import open_run
-
         q = open_run(run).load_samples("queries")[0]["images"].shape[0]
         score_s, stdout = _cli("attribute", "--run", str(run), "--query", f"0-{q - 1}", "--seed", str(a.seed), "--json")
         res = json.loads(stdout)

@@ -27,20 +27,10 @@ def copy_shipped(src: Path, dst: Path) -> None:
     built here, jobs, retrained models or user-made sample sets."""
     dst.mkdir(parents=True)
     files = tracked_files(src)
-    if not files:  # not a git work tree (an unpacked archive): the same selection by name
-        files = [p.relative_to(src) for p in src.rglob("*") if p.is_file() and _shipped_by_name(p.relative_to(src))]
+    if not files:  # git is what defines "shipped" (the .gitignore rules); no second copy of them here
+        raise RuntimeError(f"git tracks no files under {src}: run from a git clone of the project")
     for rel in files:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / rel, dst / rel)
     (dst / "samples").mkdir(exist_ok=True)
 
-
-def _shipped_by_name(rel: Path) -> bool:
-    top = rel.parts[0]
-    if top in ("config.json", "loss_curve.json", "model", "data", "lds_truth"):
-        return True
-    if rel.as_posix() == "samples/queries.safetensors":
-        return True
-    if top == "lds" and (rel.name.startswith("report_") or rel.name.startswith("regen_")) and ".progress_" not in rel.name:
-        return True
-    return False

@@ -14,37 +14,27 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import json
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from served import CHROMIUM, CHROMIUM_ARGS, start_app, stop_app  # noqa: E402
 from shipped import copy_shipped  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = Path(os.environ.get("ATTRIBUTION_BROWSER_RUN", ROOT / "demo" / "run"))
 RESULTS = ROOT / "bench" / "results"
 SHOTS = ROOT / "screenshots"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 # On a machine shared with other jobs the builds take many times their idle duration: both limits
 # can be raised (the results files say how far a run got).
 WAIT_S = float(os.environ.get("ATTRIBUTION_BROWSER_WAIT_S", 2400))  # one build (first gallery, EK-FAC)
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(int(os.environ.get("ATTRIBUTION_BROWSER_TIMEOUT_S", 3600)))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,31 +55,12 @@ def fresh_demo():
 
 @pytest.fixture(scope="module")
 def server(fresh_demo):
-    port = _free_port()
-    env = {**os.environ, "ATTRIBUTION_RUN": str(fresh_demo), "ATTRIBUTION_RUNS": str(fresh_demo.parent / "runs"),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ATTRIBUTION_JOB_MODE": "auto"}  # the served app's mode
-    log = open(fresh_demo.parent / "streamlit.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-                             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"streamlit did not start: {(fresh_demo.parent / 'streamlit.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        proc, url = start_app(fresh_demo, fresh_demo.parent / "runs", fresh_demo.parent / "streamlit.log")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield url
+    stop_app(proc)
 
 
 @pytest.fixture(scope="module")

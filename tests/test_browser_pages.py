@@ -11,35 +11,24 @@ minutes, not the first-gallery build of tests/test_browser.py. Run with ``make t
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pngs import bomb_png  # noqa: E402
+from served import CHROMIUM, CHROMIUM_ARGS, start_app, stop_app  # noqa: E402
 from shipped import copy_shipped  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "screenshots"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SHIPPED = {"digits": ROOT / "demo" / "run", "cifar2": ROOT / "demo" / "cifar2"}
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(3600)]
-
-
-def _copy_shipped(src: Path, dst: Path) -> None:
-    """What git ships of a run: no artifacts built here, jobs, retrained models or user-made sample sets."""
-    copy_shipped(src, dst)
 
 
 def _ensure_regeneration(run_dir: Path) -> bool:
@@ -55,12 +44,6 @@ def _ensure_regeneration(run_dir: Path) -> bool:
     return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs():
     """``{name: (copy dir, URL label of the run picker, ships regeneration results)}``."""
@@ -68,10 +51,10 @@ def runs():
         pytest.skip("the shipped demo run (demo/run) has no trained model")
     root = Path(tempfile.mkdtemp(prefix="attribution-pages-"))
     out = {}
-    _copy_shipped(SHIPPED["digits"], root / "pinned" / "run")  # label "pinned/run"
+    copy_shipped(SHIPPED["digits"], root / "pinned" / "run")  # label "pinned/run"
     out["digits"] = (root / "pinned" / "run", "pinned/run", _ensure_regeneration(root / "pinned" / "run"))
     if (SHIPPED["cifar2"] / "model" / "config.json").exists():
-        _copy_shipped(SHIPPED["cifar2"], root / "runs" / "cifar2-copy")
+        copy_shipped(SHIPPED["cifar2"], root / "runs" / "cifar2-copy")
         out["cifar2"] = (root / "runs" / "cifar2-copy", "cifar2-copy", False)
     yield out
     shutil.rmtree(root, ignore_errors=True)
@@ -80,31 +63,12 @@ def runs():
 @pytest.fixture(scope="module")
 def server(runs):
     root = runs["digits"][0].parents[1]
-    port = _free_port()
-    env = {**os.environ, "ATTRIBUTION_RUN": str(runs["digits"][0]), "ATTRIBUTION_RUNS": str(root / "runs"),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ATTRIBUTION_JOB_MODE": "auto"}  # the served app's mode
-    log = open(root / "streamlit.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType",
-                             "none", "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"streamlit did not start: {(root / 'streamlit.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        proc, url = start_app(runs["digits"][0], root / "runs", root / "streamlit.log")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield url
+    stop_app(proc)
 
 
 @pytest.fixture(scope="module")
