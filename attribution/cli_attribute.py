@@ -17,7 +17,7 @@ import sys
 from attribution.errors import UserError
 
 METHODS = ("kfac", "ekfac", "trak", "dtrak", "clip", "pixel")
-SCHEMES = ("common", "stratified", "iid")  # measurements.DrawScheme values
+SCHEMES = ("antithetic", "importance", "common", "stratified", "iid")  # measurements.DrawScheme values (no torch here)
 
 
 def _defaults() -> dict:
@@ -101,9 +101,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--factor-draws", type=int, default=DEFAULTS["factor_draws"],
                    help="(t, eps) draws per training example for the K-FAC factors (default: %(default)s)")
     p.add_argument("--draw-scheme", default=DEFAULTS["draw_scheme"], choices=SCHEMES,
-                   help="common: the same stratified (t, eps) draws for every training example, so their "
-                        "scores compare like with like; stratified: stratified timesteps per example; iid: "
-                        "independent draws (default: %(default)s)")
+                   help="antithetic: importance-sampled timesteps with noise in pairs (eps, -eps); importance: "
+                        "stratified timesteps from a per-run proposal, reweighted; common: the same stratified "
+                        "(t, eps) draws for every training example; stratified: stratified timesteps per example; "
+                        "iid: independent draws (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of all Monte-Carlo draws (default: %(default)s)")
     p.add_argument("--compress-queries", action="store_true",
                    help="int8-quantise the preconditioned query gradients (paper §3.2)")

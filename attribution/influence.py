@@ -42,7 +42,7 @@ from attribution.influence_settings import (  # noqa: F401 - public names of thi
     PREVIEW_ROUNDS,
     InfluenceSettings,
 )
-from attribution.measurements import DrawOptions, DrawScheme, Measurement
+from attribution.measurements import PROPOSAL_SCHEMES, DrawOptions, DrawScheme, Measurement
 from attribution.scoring import (  # noqa: F401 - public names of this module
     QUERY_INT8_BLOCK,
     check_scores,
@@ -134,7 +134,7 @@ def _store_args(run, settings: InfluenceSettings, p: int) -> dict:
             "scheme": settings.draw_scheme}
     if run_hflip(run):
         args["hflip"] = True
-    if settings.draw_scheme == DrawScheme.IMPORTANCE.value:
+    if settings.draw_scheme in PROPOSAL_SCHEMES:
         args["proposal_from"] = _proposal_reference(settings).key()  # the pilot depends on these factors
     return args
 
@@ -155,7 +155,7 @@ def draw_options(run, settings: InfluenceSettings, progress: Progress = None) ->
     hflip = run_hflip(run)
     c = _CACHE.get(run)
     train_mode = has_dropout(_model(run, c)[0])  # dropout presets: training gradients in train() mode
-    if settings.draw_scheme != DrawScheme.IMPORTANCE.value:
+    if settings.draw_scheme not in PROPOSAL_SCHEMES:
         return DrawOptions(settings.draw_scheme, hflip, train_mode=train_mode)
     d = _store_dir(run, settings, c)
     if (d / "store.json").exists():
@@ -171,7 +171,8 @@ def draw_options(run, settings: InfluenceSettings, progress: Progress = None) ->
         pre = preconditioner_from_factors(unet, schedule, tensors, meta, 1e-8)
         if progress is not None:
             progress(0, 1, "timestep proposal (pilot)")
-        c[key] = pilot_proposal(unet, schedule, training_images(run, c), pre.apply, settings.seed)
+        c[key] = pilot_proposal(unet, schedule, training_images(run, c), pre.apply, settings.seed,
+                                antithetic=settings.draw_scheme == DrawScheme.ANTITHETIC.value)
         if progress is not None:
             progress(1, 1, "timestep proposal (pilot)")
     return DrawOptions(settings.draw_scheme, hflip, proposal=c[key], train_mode=train_mode)

@@ -19,7 +19,7 @@ DEFAULT_TRAIN_DRAWS = 256
 DEFAULT_PREVIEW_DRAWS = 1
 DEFAULT_QUERY_DRAWS = 2048
 DEFAULT_FACTOR_DRAWS = 2
-DEFAULT_DRAW_SCHEME = DrawScheme.IMPORTANCE.value
+DEFAULT_DRAW_SCHEME = DrawScheme.ANTITHETIC.value
 PREVIEW_ROUNDS = 2  # the first gallery: two rounds, so that it already has a split-half stability
 
 
@@ -39,7 +39,7 @@ class InfluenceSettings:
     store_dtype: str = "float16"  # "float16" | "int8"
     store_budget_bytes: Optional[int] = None  # None = DEFAULT_STORE_BUDGET
     preview_draws: int = DEFAULT_PREVIEW_DRAWS  # draws of the store's first round; rounds then double in pairs
-    draw_scheme: str = DEFAULT_DRAW_SCHEME  # iid | stratified | common (measurements.DrawScheme)
+    draw_scheme: str = DEFAULT_DRAW_SCHEME  # measurements.DrawScheme (antithetic, importance, common, ...)
 
     def __post_init__(self):
         if self.method not in ("kfac", "ekfac"):

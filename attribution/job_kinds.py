@@ -176,7 +176,9 @@ def _reference_missing(run, settings) -> bool:
     from attribution.curvature import CurvatureConfig
     from attribution.influence import run_hflip
 
-    if settings.draw_scheme != "importance" or (settings.method, settings.fisher, settings.kfac_type) == \
+    from attribution.measurements import PROPOSAL_SCHEMES
+
+    if settings.draw_scheme not in PROPOSAL_SCHEMES or (settings.method, settings.fisher, settings.kfac_type) == \
             ("kfac", "mc", "expand"):
         return False
     ref = CurvatureConfig("kfac", "mc", "expand", settings.factor_draws, settings.seed, hflip=run_hflip(run))
@@ -250,7 +252,7 @@ def _plan_influence(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
                    .get("store_rounds_done") or 0)
         want = min(int(args.get("rounds") or settings.rounds), settings.rounds)
         draws = settings.round_draws[done:want]
-        if done == 0 and settings.draw_scheme == "importance":
+        if done == 0 and settings.draw_scheme in ("importance", "antithetic"):  # measurements.PROPOSAL_SCHEMES
             plan.append({"name": "timestep proposal (a pilot on 32 training images)", "kind": "proposal",
                          "units": _pilot_units(), **size})
         cost = [d + STORE_ROUND_OVERHEAD_DRAWS for d in draws]  # each round also rewrites its half of the store

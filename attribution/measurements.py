@@ -39,7 +39,9 @@ model, the batch size or the chunking; the same seed gives the same draws for ev
   of an example are stratified: one uniform per stratum of the proposal's CDF), ``common`` (the
   stratified timesteps AND the noise are shared by every example: keyed by (seed, round) only, so
   scores of different training examples compare like with like; each example's estimate stays
-  unbiased).
+  unbiased), ``importance`` (stratified timesteps from a per-run proposal, reweighted: unbiased),
+  ``antithetic`` (importance, with draws in pairs (t, eps), (t, -eps): the large part of a small-t
+  loss gradient is odd in eps and cancels within a pair; an odd K adds one unpaired draw).
 - ``draw_round``: draws come in rounds with their own generators, so a gradient store grown round
   by round equals one built in one go with the same rounds.
 - ``hflip``: an independent horizontal flip of x_0 per draw (the training augmentation, paper
@@ -103,6 +105,10 @@ class DrawScheme(str, Enum):
     STRATIFIED = "stratified"
     COMMON = "common"
     IMPORTANCE = "importance"  # stratified draws from a timestep proposal (Neyman allocation), reweighted
+    ANTITHETIC = "antithetic"  # importance, with the draws in antithetic pairs (t, eps) and (t, -eps)
+
+
+PROPOSAL_SCHEMES = (DrawScheme.IMPORTANCE.value, DrawScheme.ANTITHETIC.value)  # schemes that use a proposal
 
 
 # Timestep bins of the importance proposal, as fractions of T (fine where the loss gradients are large).
@@ -129,15 +135,17 @@ class DrawOptions:
         try:
             object.__setattr__(self, "scheme", DrawScheme(str(self.scheme).lower()).value)
         except ValueError:
-            raise UserError(f"unknown draw scheme {self.scheme!r}; choose iid, stratified, common or importance") \
-                from None
+            raise UserError(f"unknown draw scheme {self.scheme!r}; choose "
+                            f"{', '.join(x.value for x in DrawScheme)}") from None
         if self.draw_round < 0:
             raise UserError(f"draw rounds are numbered from 0, got {self.draw_round}")
         if self.proposal is not None:
             q = tuple(float(x) for x in self.proposal)
             if len(q) != len(PROPOSAL_EDGES) - 1 or min(q) <= 0:
                 raise UserError(f"a timestep proposal needs {len(PROPOSAL_EDGES) - 1} positive bin weights")
-            object.__setattr__(self, "proposal", tuple(x / sum(q) for x in q))
+            if abs(sum(q) - 1) > 1e-12:  # normalise once: a proposal read back from a store stays bit-identical
+                q = tuple(x / sum(q) for x in q)
+            object.__setattr__(self, "proposal", q)
 
 
 def proposal_pmf(proposal: Sequence[float], T: int) -> Tensor:
@@ -339,6 +347,28 @@ def _draw_timesteps(
     return t, torch.full((K,), 1.0 / K, dtype=torch.float64)
 
 
+def _antithetic_draws(m: Measurement, schedule: Schedule, K: int, g: torch.Generator,
+                      timesteps: Optional[Sequence[int]], proposal, shape, hflip: bool):
+    """K draws as floor(K/2) antithetic pairs (t, eps, flip), (t, -eps, flip) plus, for odd K, one
+    independent draw: t ``[K]``, coef ``[K]`` (sum to the plain estimator's weights), eps ``[K, ...]``,
+    flip ``[K]`` or None. Each pair's t is stratified over K // 2 strata; the pairs' estimate and the
+    extra draw are each unbiased, so their K-weighted mean is too."""
+    P = K // 2
+    t, c = _draw_timesteps(m, schedule, P, g, timesteps, True, proposal)  # c sums to the weights / P
+    eps = torch.randn((P, *shape), generator=g, dtype=torch.float64)
+    flip = torch.rand(P, generator=g) < 0.5 if hflip else None
+    t, c = t.repeat_interleave(2), c.repeat_interleave(2) * P / K
+    eps = torch.stack([eps, -eps], 1).flatten(0, 1)
+    flip = None if flip is None else flip.repeat_interleave(2)
+    if K % 2:
+        t1, c1 = _draw_timesteps(m, schedule, 1, g, timesteps, True, proposal)
+        e1 = torch.randn((1, *shape), generator=g, dtype=torch.float64)
+        t, c, eps = torch.cat([t, t1]), torch.cat([c, c1 / K]), torch.cat([eps, e1])
+        if flip is not None:
+            flip = torch.cat([flip, torch.rand(1, generator=g) < 0.5])
+    return t, c, eps, flip
+
+
 def draw_plan(
     schedule: Schedule,
     images: Tensor,
@@ -387,12 +417,15 @@ def draw_plan(
     for b, i in enumerate(idx):
         if shared is None or not common:
             g = example_generator(seed, COMMON_KEY if common else example_key(offset, i), options.draw_round)
-            use_q = options.proposal if options.scheme == DrawScheme.IMPORTANCE.value and m.name in (
+            use_q = options.proposal if options.scheme in PROPOSAL_SCHEMES and m.name in (
                 "loss", "square-norm") and timesteps is None else None
-            t, c = _draw_timesteps(m, schedule, K, g, timesteps, stratified, use_q)
-            eps = torch.randn((K, *shape), generator=g, dtype=torch.float64)
-            flip = torch.rand(K, generator=g) < 0.5 if options.hflip else None
-            shared = (t, c, eps, flip)
+            if options.scheme == DrawScheme.ANTITHETIC.value and K >= 2 and timesteps is None:
+                shared = _antithetic_draws(m, schedule, K, g, timesteps, use_q, shape, options.hflip)
+            else:
+                t, c = _draw_timesteps(m, schedule, K, g, timesteps, stratified, use_q)
+                eps = torch.randn((K, *shape), generator=g, dtype=torch.float64)
+                flip = torch.rand(K, generator=g) < 0.5 if options.hflip else None
+                shared = (t, c, eps, flip)
         t, c, eps, flip = shared
         x0_b = x0[b:b + 1].expand(K, *shape)
         if flip is not None:

@@ -28,10 +28,18 @@ PROPOSAL_FLOOR = 0.05  # share of the draws spread uniformly over t (bounds the 
 
 
 def bin_score_spread(unet, schedule, images: Tensor, directions: Tensor, seed: int,
-                     draws_per_bin: int = PILOT_DRAWS_PER_BIN) -> Tensor:
+                     draws_per_bin: int = PILOT_DRAWS_PER_BIN, antithetic: bool = False) -> Tensor:
     """Per-bin standard deviation of one draw's score ``directions @ grad l_t(x_j)`` over
-    (eps, t within the bin), averaged over examples and directions: ``[num_bins]`` float64."""
+    (eps, t within the bin), averaged over examples and directions: ``[num_bins]`` float64.
+
+    ``antithetic``: the draws come in pairs (t, eps), (t, -eps); the spread is then that of a
+    pair's mean times sqrt(2) (per draw, at the same cost), from draws_per_bin / 2 pairs."""
     from attribution.gradients import per_example_gradients
+    from attribution.measurements import DrawOptions
+
+    if antithetic:
+        return _pair_spread(unet, schedule, images, directions, seed, max(2, draws_per_bin // 2),
+                            per_example_gradients, DrawOptions(scheme="antithetic"))
 
     T = schedule.T
     edges = [round(e * T) for e in PROPOSAL_EDGES]
@@ -49,6 +57,23 @@ def bin_score_spread(unet, schedule, images: Tensor, directions: Tensor, seed: i
     return torch.tensor(out, dtype=torch.float64)
 
 
+def _pair_spread(unet, schedule, images, directions, seed, pairs, per_example_gradients, options) -> Tensor:
+    T = schedule.T
+    edges = [round(e * T) for e in PROPOSAL_EDGES]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        ts = torch.randint(a, max(b, a + 1), (pairs,), generator=g).tolist()
+        vals = []
+        for k, t in enumerate(ts):  # one pair per (example, k): its own eps via its own key
+            grads = per_example_gradients(unet, schedule, images, Measurement("lt", t), 2, seed,
+                                          offset=[10_000 * (k + 1) + i for i in range(len(images))], options=options)
+            vals.append(directions @ grads.T.to(directions.dtype))  # [R, J]: pair means
+        s = torch.stack(vals).double()
+        out.append(float((2 * s.var(0).mean()).sqrt()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def neyman_proposal(spread: Tensor, floor: float = PROPOSAL_FLOOR) -> tuple[float, ...]:
     """Bin probabilities q_h = (1 - floor) p_h sigma_h / sum + floor p_h, with p_h the bin widths."""
     widths = torch.tensor([b - a for a, b in zip(PROPOSAL_EDGES[:-1], PROPOSAL_EDGES[1:])], dtype=torch.float64)
@@ -57,8 +82,10 @@ def neyman_proposal(spread: Tensor, floor: float = PROPOSAL_FLOOR) -> tuple[floa
     return tuple(float(x) for x in q / q.sum())
 
 
-def pilot_proposal(unet, schedule, images: Tensor, precondition: Callable[[Tensor], Tensor], seed: int) -> tuple:
-    """The proposal of a run: pilot examples and directions drawn (seeded) from ``images``."""
+def pilot_proposal(unet, schedule, images: Tensor, precondition: Callable[[Tensor], Tensor], seed: int,
+                   antithetic: bool = False) -> tuple:
+    """The proposal of a run: pilot examples and directions drawn (seeded) from ``images``;
+    ``antithetic``: allocated for antithetic pairs (:func:`bin_score_spread`)."""
     from attribution.gradients import per_example_gradients
 
     g = torch.Generator().manual_seed(seed + 7)
@@ -67,4 +94,5 @@ def pilot_proposal(unet, schedule, images: Tensor, precondition: Callable[[Tenso
     ex_idx = perm[PILOT_DIRECTIONS:PILOT_DIRECTIONS + PILOT_EXAMPLES].tolist()
     gd = per_example_gradients(unet, schedule, images[dir_idx], Measurement("loss"), 32, seed + 7, offset=dir_idx)
     directions = precondition(gd).float()
-    return neyman_proposal(bin_score_spread(unet, schedule, images[ex_idx], directions, seed))
+    return neyman_proposal(bin_score_spread(unet, schedule, images[ex_idx], directions, seed,
+                                            antithetic=antithetic))

@@ -9,6 +9,9 @@ seed 1's scores (the paper's Fig. 7: LDS against the number of draws). The round
 so this is also the stability-vs-time curve of the progressive gallery.
 
     OMP_NUM_THREADS=2 python bench/bench_gallery.py --run demo/run --out bench/results/gallery_demo
+    # both seeds in parallel, one core each, then compare:
+    for s in 1 2; do OMP_NUM_THREADS=1 python bench/bench_gallery.py --run demo/run --work /tmp/g --only-seed $s & done; wait
+    python bench/bench_gallery.py --run demo/run --work /tmp/g --out bench/results/gallery_demo
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--method", default="kfac", choices=("kfac", "ekfac"))
     ap.add_argument("--top", type=int, default=16)
+    ap.add_argument("--scheme", default=None, help="training-side draw scheme (default: the library default)")
+    ap.add_argument("--train-draws", type=int, default=None, help="(default: the library default)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS)")
     ap.add_argument("--out", default="bench/results/gallery_demo")
     ap.add_argument("--work", default=None,
@@ -67,6 +72,10 @@ def main(argv=None) -> int:
     n_queries = open_run(src).load_samples("queries")[0]["images"].shape[0]
     queries = list(range(n_queries))
     base = InfluenceSettings(method=a.method)
+    if a.scheme:
+        base = replace(base, draw_scheme=a.scheme)
+    if a.train_draws:
+        base = replace(base, train_draws=a.train_draws)
     rows, per_seed = [], {}
     work = Path(a.work) if a.work else None
     seeds = [a.only_seed] if a.only_seed is not None else [int(s) for s in a.seeds.split(",")]

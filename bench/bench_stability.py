@@ -52,13 +52,14 @@ LOSS = Measurement("loss")
 
 def scores_for_seed(run, unet, schedule, pre, queries, images, scheme, train_draws, query_draws, seed, hflip,
                     proposal=None):
-    """``(scores [Q, N], seconds)`` for one seed of one estimator."""
+    """``(scores [Q, N], seconds)`` for one seed of one estimator (``proposal``: per scheme)."""
+    proposal = proposal or {}
     t0 = time.perf_counter()
     opts_q = DrawOptions(scheme=scheme)
     gq = per_example_gradients(unet, schedule, queries, LOSS, query_draws, seed,
                                offset=[QUERY_OFFSET + i for i in range(len(queries))], options=opts_q)
     pq = pre.apply(gq).float()
-    opts_t = DrawOptions(scheme=scheme, hflip=hflip, proposal=proposal if scheme == "importance" else None)
+    opts_t = DrawOptions(scheme=scheme, hflip=hflip, proposal=proposal.get(scheme))
     parts = []
     for start in range(0, images.shape[0], 64):
         g = per_example_gradients(unet, schedule, images[start:start + 64], LOSS, train_draws, seed,
@@ -130,14 +131,14 @@ def kfac_grid(a, data: dict, out: Path) -> None:
     factor_s = time.perf_counter() - t0
     pre = preconditioner_from_factors(unet, schedule, tensors, meta, a.damping)
     s1, s2 = (int(x) for x in a.seeds.split(","))
-    proposal, proposal_s = None, 0.0
-    if "importance" in a.schemes:
+    proposal, proposal_s = {}, 0.0  # per scheme that samples t from a proposal
+    for scheme in set(a.schemes.split(",")) & {"importance", "antithetic"}:
         from attribution.proposal import pilot_proposal
 
         t0 = time.perf_counter()
-        proposal = pilot_proposal(unet, schedule, images, pre.apply, 0)
+        proposal[scheme] = pilot_proposal(unet, schedule, images, pre.apply, 0, antithetic=scheme == "antithetic")
         proposal_s = time.perf_counter() - t0
-        print("proposal", [round(x, 4) for x in proposal], f"{proposal_s:.0f} s", flush=True)
+        print(scheme, "proposal", [round(x, 4) for x in proposal[scheme]], f"{proposal_s:.0f} s", flush=True)
     results = data["rows"]
     done = {(r["run"], r["scheme"], r["train_draws"], r["query_draws"]) for r in results
             if r.get("method", "kfac") == "kfac"}

@@ -253,7 +253,8 @@ def test_gradient_store_resumes_after_interruption(micro_grads, tmp_path):
         empty(tmp_path / "none").score(torch.zeros(1, full.p))
 
 
-def test_store_grown_in_rounds_equals_one_shot_store(micro_grads, tmp_path):
+@pytest.mark.parametrize("scheme", ["common", "antithetic"])
+def test_store_grown_in_rounds_equals_one_shot_store(micro_grads, tmp_path, scheme):
     """Progressive refinement: 2 rounds, then 2 more, is bit-identical to 4 rounds in one call, and
     both equal (to float16 precision) the mean gradient over the same draws computed directly."""
     from attribution.measurements import DrawOptions
@@ -262,7 +263,8 @@ def test_store_grown_in_rounds_equals_one_shot_store(micro_grads, tmp_path):
     unet = copy.deepcopy(unet).float()
     imgs = imgs.float()
     m = Measurement("loss")
-    opts = DrawOptions(scheme="common", hflip=True)
+    proposal = (1, 2, 2, 3, 3, 1, 1, 1) if scheme == "antithetic" else None
+    opts = DrawOptions(scheme=scheme, hflip=True, proposal=proposal)
     sched = [2, 2, 3, 3]  # rounds of different sizes: the halves are draw-weighted means
     grown = build_gradient_store(tmp_path / "grown", unet, s, imgs, m, 0, 5, chunk_size=5, rounds=2, options=opts,
                                  round_draws=sched)
@@ -273,7 +275,7 @@ def test_store_grown_in_rounds_equals_one_shot_store(micro_grads, tmp_path):
                                 round_draws=sched)
     for (va, sa), (vb, sb) in zip(_half_arrays(grown), _half_arrays(once)):
         assert np.array_equal(va, vb) and np.array_equal(sa, sb)
-    direct = [per_example_gradients(unet, s, imgs, m, d, 5, options=DrawOptions("common", True, r)).double()
+    direct = [per_example_gradients(unet, s, imgs, m, d, 5, options=DrawOptions(scheme, True, r, proposal)).double()
               for r, d in enumerate(sched)]
     ref = sum(g * d for g, d in zip(direct, sched)) / sum(sched)
     tol = float(ref.abs().max()) * 2e-3
