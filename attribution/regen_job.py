@@ -191,15 +191,22 @@ def query_noise(run: Run, job: RegenJob, queries: dict, device=None, progress: O
     return torch.stack([load_tensors(f)[0]["noise"] for f in files], dim=1)
 
 
+def _influence_settings(job: RegenJob, method: RemovalMethod):
+    """K-FAC / EK-FAC at the library defaults with the job's damping and measurement."""
+    from attribution.influence import InfluenceSettings
+
+    return InfluenceSettings(method=method.value, damping=job.damping, measurement=job.measurement)
+
+
 def _method_scores(run: Run, job: RegenJob, method: RemovalMethod, images: Tensor, progress, device) -> Tensor:
     """Scores ``[Q, N]`` of one method for the job's queries (largest = strongest proponent)."""
     from attribution import baselines
 
     if method in (RemovalMethod.KFAC, RemovalMethod.EKFAC):
-        from attribution.influence import InfluenceSettings, influence_scores
+        from attribution.influence import influence_scores
 
-        settings = InfluenceSettings(method=method.value, damping=job.damping, measurement=job.measurement)
-        return influence_scores(run, job.query_set, list(job.query_indices), settings, progress=progress)
+        return influence_scores(run, job.query_set, list(job.query_indices), _influence_settings(job, method),
+                                progress=progress)
     if method in (RemovalMethod.TRAK, RemovalMethod.DTRAK):
         return baselines.trak_scores(run, images, variant=method.value, relative_damping=job.trak_relative_damping,
                                      device=device, progress=progress, query_indices=list(job.query_indices))
@@ -220,7 +227,7 @@ def removal_sets(run: Run, job: RegenJob, progress: Optional[ProgressFn] = None,
     if not 0 < job.k < n:
         raise UserError(f"k must lie in 1..{n - 1} (the run has {n} training images), got {job.k}")
     queries = load_queries(run, job)
-    out = {}
+    out, made_with = {}, {}
     for name in job.methods:
         m = RemovalMethod(name)
         if m == RemovalMethod.RANDOM:
@@ -233,8 +240,10 @@ def removal_sets(run: Run, job: RegenJob, progress: Optional[ProgressFn] = None,
                 raise UserError(f"{m.label} scores have shape {tuple(scores.shape)}, expected "
                                 f"[{len(job.query_indices)}, {n}]")
             idx = top_k_removal(scores, job.k)
+            if m in (RemovalMethod.KFAC, RemovalMethod.EKFAC):  # the estimator's settings, for the record
+                made_with[name] = _influence_settings(job, m).to_dict()
         out[name] = [[int(i) for i in row] for row in idx.tolist()]
-    write_json(path, {"methods": out, "job": job.to_args()})
+    write_json(path, {"methods": out, "job": job.to_args(), "settings": made_with})
     return out
 
 
