@@ -52,13 +52,15 @@ def per_bin(unet, schedule, images, directions, draws_per_bin: int, seed: int) -
     return rows
 
 
-def whole_estimate(unet, schedule, images, pq, hflip, draws: int, repeats: int) -> list[dict]:
-    """Variance over ``repeats`` independent K-draw estimates, per scheme with its own pilot proposal."""
+def whole_estimate(unet, schedule, images, keys: list[int], pq, hflip, proposals: dict, draws: int,
+                   repeats: int) -> list[dict]:
+    """Variance over ``repeats`` independent K-draw estimates of the scores ``pq @ g`` of ``images``
+    (draw keys ``keys``), per scheme with its own pilot proposal ``proposals[scheme]``."""
     out = []
     for scheme in ("importance", "antithetic"):
         t0 = time.process_time()
-        prop = PROPOSALS[scheme]
-        s = torch.stack([pq @ per_example_gradients(unet, schedule, images, LOSS, draws, 7, offset=IDX,
+        prop = proposals[scheme]
+        s = torch.stack([pq @ per_example_gradients(unet, schedule, images, LOSS, draws, 7, offset=keys,
                                                      options=DrawOptions(scheme, hflip, r, prop)).T
                          for r in range(repeats)]).double()  # [R, Q, N]
         v = s.var(0)
@@ -66,10 +68,6 @@ def whole_estimate(unet, schedule, images, pq, hflip, draws: int, repeats: int) 
                     "noise_to_signal": float((v / s.mean(0).var(1, keepdim=True)).median()),
                     "cpu_s": round(time.process_time() - t0, 1), "proposal": list(prop)})
     return out
-
-
-PROPOSALS: dict = {}
-IDX: list = []
 
 
 def main(argv=None) -> int:
@@ -93,15 +91,15 @@ def main(argv=None) -> int:
     dirs = pre.apply(per_example_gradients(unet, schedule, images[perm[:8]], LOSS, 16, 3,
                                            offset=perm[:8].tolist())).float()
     bins = per_bin(unet, schedule, images[perm[8:40]], dirs, 6, 11)
-    for scheme in ("importance", "antithetic"):
-        PROPOSALS[scheme] = pilot_proposal(unet, schedule, images, pre.apply, 0, antithetic=scheme == "antithetic")
+    proposals = {scheme: pilot_proposal(unet, schedule, images, pre.apply, 0, antithetic=scheme == "antithetic")
+                 for scheme in ("importance", "antithetic")}
     queries = run.load_samples("queries")[0]["images"].float()
     gq = per_example_gradients(unet, schedule, queries, LOSS, 128, 0,
                                offset=[QUERY_OFFSET + i for i in range(len(queries))],
-                               options=DrawOptions("importance", proposal=PROPOSALS["importance"]))
+                               options=DrawOptions("importance", proposal=proposals["importance"]))
     pq = pre.apply(gq).float()
-    IDX[:] = perm[40:40 + a.examples].tolist()
-    whole = whole_estimate(unet, schedule, images[IDX], pq, hflip, a.draws, a.repeats)
+    keys = perm[40:40 + a.examples].tolist()
+    whole = whole_estimate(unet, schedule, images[keys], keys, pq, hflip, proposals, a.draws, a.repeats)
     ratio = whole[0]["mean_variance"] / whole[1]["mean_variance"]
     out = Path(a.out)
     write_json(out.with_suffix(".json"), {"run": a.run, "bins": bins, "whole": whole, "variance_ratio": ratio})
