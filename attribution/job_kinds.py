@@ -137,7 +137,7 @@ def _settings(args: dict):
 
 def artifact_keys(query_set: str, settings, hflip: bool = False) -> dict[str, str]:
     """The shared key of each artifact an influence job may build, by ``influence_status`` name
-    (plus "reference_factors": the K-FAC factors the importance scheme's timestep pilot uses).
+    (plus "reference_factors": the K-FAC factors the timestep pilot of the importance and antithetic schemes uses).
 
     The query-gradient key leaves out the query indices: all queries of a sample set share one
     cache file per measurement and draws, so two of its builds must not run at once."""
@@ -172,7 +172,7 @@ def _run_influence(run_dir: Path, args: dict, progress):
 
 
 def _reference_missing(run, settings) -> bool:
-    """The importance scheme's store starts with a pilot that needs K-FAC (MC, expand) factors."""
+    """A proposal scheme's store (importance, antithetic) starts with a pilot that needs K-FAC (MC, expand) factors."""
     from attribution.curvature import CurvatureConfig
     from attribution.influence import run_hflip
 
