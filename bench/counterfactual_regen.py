@@ -87,6 +87,7 @@ def markdown(res: dict) -> str:
             flip = (lambda s: s) if sign == 1 else (lambda s: {"mean": -s["mean"], "sem": s["sem"]})
             lines.append(f"| {a} − {b} | {pm(flip(v['l2']), 2, True)} | {pm(flip(v['ssim']), 3, True)} | "
                          f"{pm(flip(v['change']), 3, True)} |")
+        lines += [x for n in r.get("notes", []) for x in ("", f"Note: {n}")]  # context added by hand (--note)
         goal = r["paired"].get("kfac - dtrak")
         if goal:
             d = goal["l2"]
@@ -115,11 +116,14 @@ def main() -> int:
     ap.add_argument("--draws", type=int, default=128, help="MC draws of the loss (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=2, help="training processes (default: %(default)s)")
     ap.add_argument("--table", action="store_true", help="only rewrite the markdown from the JSON")
+    ap.add_argument("--note", default=None, help="with --table and --run: add this note to the run's section")
     ap.add_argument("--results", type=Path, default=RESULTS, help="results folder (default: bench/results)")
     args = ap.parse_args()
     path = args.results / f"{STEM}.json"
     res = read_json(path) if path.exists() else {"runs": {}}
     if args.table:
+        if args.note and args.run in res["runs"]:
+            res["runs"][args.run].setdefault("notes", []).append(args.note)
         write(res, args.results)
         return 0
     if not args.run:
