@@ -55,7 +55,11 @@ def runs():
     out["digits"] = (root / "pinned" / "run", "pinned/run", _ensure_regeneration(root / "pinned" / "run"))
     if (SHIPPED["cifar2"] / "model" / "config.json").exists():
         copy_shipped(SHIPPED["cifar2"], root / "runs" / "cifar2-copy")
-        out["cifar2"] = (root / "runs" / "cifar2-copy", "cifar2-copy", False)
+        from attribution.regen_job import list_reports
+        from attribution.runs import Run
+
+        cifar2 = root / "runs" / "cifar2-copy"
+        out["cifar2"] = (cifar2, "cifar2-copy", bool(list_reports(Run(cifar2))))
     yield out
     shutil.rmtree(root, ignore_errors=True)
 
@@ -208,11 +212,18 @@ def test_lds_page_from_a_link(browser, server, runs, name):
     ctx.close()
 
 
-def test_counterfactual_regeneration_panel_from_shipped_results(browser, server, runs):
+@pytest.mark.parametrize("name", ["digits", "cifar2"])
+def test_counterfactual_regeneration_panel_from_shipped_results(browser, server, runs, name):
+    """The panel from a run's regeneration results: CIFAR-2 ships its benchmark's (8 queries,
+    K-FAC / D-TRAK / random); the digits run ships none, so the test builds a small one."""
     from attribution.regen_job import list_reports, load_report
     from attribution.runs import Run
 
-    run_dir, label, shipped = runs["digits"]
+    if name not in runs:
+        pytest.fail(f"the shipped {name} run is missing")
+    run_dir, label, shipped = runs[name]
+    if name == "cifar2":
+        assert shipped, "CIFAR-2 ships its counterfactual-regeneration results (bench/counterfactual_regen.py)"
     path = list_reports(Run(run_dir))[-1]
     report, _ = load_report(path)
     q = report["queries"][-1]
@@ -225,7 +236,7 @@ def test_counterfactual_regeneration_panel_from_shipped_results(browser, server,
     l2 = report["methods"][first]["l2"]["per_query"][j]
     _wait_text(page, f"without top-{report['job']['k']} {report['methods'][first]['label']} · L2 {l2:.2f}")
     _wait_text(page, "all data, retrained · L2")
-    _done(page, "pages_digits_regeneration" + ("" if shipped else "_built_by_the_test"),
+    _done(page, f"pages_{name}_regeneration" + ("" if shipped else "_built_by_the_test"),
           scroll_to="Counterfactual regeneration: what if")
     ctx.close()
 
