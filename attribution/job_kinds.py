@@ -252,7 +252,9 @@ def _plan_influence(run_dir: Path, args: dict, needs: list[str]) -> list[dict]:
                    .get("store_rounds_done") or 0)
         want = min(int(args.get("rounds") or settings.rounds), settings.rounds)
         draws = settings.round_draws[done:want]
-        if done == 0 and settings.draw_scheme in ("importance", "antithetic"):  # measurements.PROPOSAL_SCHEMES
+        from attribution.measurements import PROPOSAL_SCHEMES
+
+        if done == 0 and settings.draw_scheme in PROPOSAL_SCHEMES:
             plan.append({"name": "timestep proposal (a pilot on 32 training images)", "kind": "proposal",
                          "units": _pilot_units(), **size})
         cost = [d + STORE_ROUND_OVERHEAD_DRAWS for d in draws]  # each round also rewrites its half of the store

@@ -37,40 +37,22 @@ def bin_score_spread(unet, schedule, images: Tensor, directions: Tensor, seed: i
     from attribution.gradients import per_example_gradients
     from attribution.measurements import DrawOptions
 
-    if antithetic:
-        return _pair_spread(unet, schedule, images, directions, seed, max(2, draws_per_bin // 2),
-                            per_example_gradients, DrawOptions(scheme="antithetic"))
-
+    # a draw, or an antithetic pair (whose mean's variance, times 2, is the per-draw variance at equal cost)
+    per_k, options, scale = (2, DrawOptions(scheme="antithetic"), 2.0) if antithetic else (1, DrawOptions(), 1.0)
+    count = max(2, draws_per_bin // 2) if antithetic else draws_per_bin
     T = schedule.T
     edges = [round(e * T) for e in PROPOSAL_EDGES]
     g = torch.Generator().manual_seed(seed)
     out = []
     for a, b in zip(edges[:-1], edges[1:]):
-        ts = torch.randint(a, max(b, a + 1), (draws_per_bin,), generator=g).tolist()
+        ts = torch.randint(a, max(b, a + 1), (count,), generator=g).tolist()
         vals = []
-        for k, t in enumerate(ts):  # one draw per (example, k): its own eps via its own key
-            grads = per_example_gradients(unet, schedule, images, Measurement("loss"), 1, seed,
-                                          timesteps=[t], offset=[10_000 * (k + 1) + i for i in range(len(images))])
+        for k, t in enumerate(ts):  # one draw (pair) per (example, k): its own eps via its own key
+            grads = per_example_gradients(unet, schedule, images, Measurement("lt", t), per_k, seed,
+                                          offset=[10_000 * (k + 1) + i for i in range(len(images))], options=options)
             vals.append(directions @ grads.T.to(directions.dtype))  # [R, J]
         s = torch.stack(vals).double()  # [K, R, J]
-        out.append(float(s.var(0).mean().sqrt()))
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def _pair_spread(unet, schedule, images, directions, seed, pairs, per_example_gradients, options) -> Tensor:
-    T = schedule.T
-    edges = [round(e * T) for e in PROPOSAL_EDGES]
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for a, b in zip(edges[:-1], edges[1:]):
-        ts = torch.randint(a, max(b, a + 1), (pairs,), generator=g).tolist()
-        vals = []
-        for k, t in enumerate(ts):  # one pair per (example, k): its own eps via its own key
-            grads = per_example_gradients(unet, schedule, images, Measurement("lt", t), 2, seed,
-                                          offset=[10_000 * (k + 1) + i for i in range(len(images))], options=options)
-            vals.append(directions @ grads.T.to(directions.dtype))  # [R, J]: pair means
-        s = torch.stack(vals).double()
-        out.append(float((2 * s.var(0).mean()).sqrt()))
+        out.append(float((scale * s.var(0).mean()).sqrt()))
     return torch.tensor(out, dtype=torch.float64)
 
 
