@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -144,6 +145,15 @@ def _fingerprint(run_path: str, mtime: float) -> str:
 # ----------------------------------------------------------------------------- images
 
 
+NON_BREAKING_HYPHEN = "\u2011"
+
+
+def unbroken(caption: str) -> str:
+    """``caption`` with every hyphen inside a token ("top-80", "D-TRAK") made non-breaking, so a
+    narrow caption wraps between tokens, never at their hyphen."""
+    return re.sub(r"(?<=\w)-(?=\w)", NON_BREAKING_HYPHEN, caption)
+
+
 def upscale(img: np.ndarray, size: int = 96) -> np.ndarray:
     """Nearest-neighbour upscaling so 8x8 / 16x16 digits are visible."""
     f = max(1, size // img.shape[0])
@@ -169,7 +179,7 @@ def image_grid(images, captions: list[str], columns: int = 8, size: int = 96,
     for start in range(0, len(arr), columns):
         cols = st.columns(columns)
         for col, img, cap in zip(cols, arr[start:start + columns], captions[start:start + columns]):
-            col.image(upscale(img, size), caption=cap, width=size)
+            col.image(upscale(img, size), caption=unbroken(cap), width=size)
         if indices is not None and detail_key is not None:
             for j, col in enumerate(st.columns(columns)[:len(arr[start:start + columns])]):
                 col.button("details", key=f"{key_prefix}_{start + j}", on_click=_select_detail,

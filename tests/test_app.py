@@ -365,7 +365,7 @@ def test_page_settings_come_from_the_url(app_run, monkeypatch):
     at.run()
     assert not at.exception
     assert at.selectbox(key="md_set").value == "zz-linked"
-    assert "zz-linked[1]" in [img.proto.imgs[0].caption for img in at.get("image")]
+    assert "zz-linked[1]" in [img.proto.imgs[0].caption.replace("\u2011", "-") for img in at.get("image")]
 
 
 

@@ -4,6 +4,7 @@ bad URL parameters, the LDS page's readable charts and its counterfactual-regene
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -271,7 +272,9 @@ def test_lds_regeneration_panel_shows_shipped_results_from_a_link(page_run, monk
     at = _fresh("lds", {"l_methods": ["pixel"], "l_rg": f"{rep.parent.name}/{rep.stem}", "l_rq": "1"})
     assert not at.exception, at.exception
     assert at.selectbox(key="l_rg").value == f"{rep.parent.name}/{rep.stem}" and at.selectbox(key="l_rq").value == 1
-    caps = [img.proto.imgs[0].caption for img in at.get("image")]
+    shown = [img.proto.imgs[0].caption for img in at.get("image")]
+    assert not any(re.search(r"\w-\w", c) for c in shown), "a hyphen inside a caption's token can break the line"
+    caps = [c.replace("\u2011", "-") for c in shown]
     m = page_run.regen_report["methods"]
     assert "original · queries[1]" in caps
     assert f"without top-3 pixel cosine · L2 {m['pixel']['l2']['per_query'][1]:.2f} · SSIM " \
