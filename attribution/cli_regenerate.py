@@ -10,6 +10,9 @@ import time
 
 from attribution.errors import UserError
 
+# attribution.trak.DEFAULT_RELATIVE_DAMPING, spelled out: importing it would load torch for --help (a test checks)
+TRAK_DAMPING_HELP = "trak 1, dtrak 0.1"
+
 
 def _indices(text: str) -> tuple[int, ...]:
     try:
@@ -63,8 +66,9 @@ def _argv_for_worker(args, shard: str) -> list[str]:
             "--k", str(args.k), "--methods", args.methods, "--query-set", args.query_set,
             "--measurement", args.measurement, "--draws", str(args.draws), "--measure-seed", str(args.measure_seed),
             "--random-seed", str(args.random_seed), "--damping", repr(args.damping),
-            "--trak-damping", repr(args.trak_damping), "--shard", shard, "--quiet"]
-    for flag, value in (("--steps", args.steps), ("--warmup-steps", args.warmup_steps)):
+            "--shard", shard, "--quiet"]
+    for flag, value in (("--steps", args.steps), ("--warmup-steps", args.warmup_steps),
+                        ("--trak-damping", args.trak_damping)):
         if value is not None:
             argv += [flag, str(value)]
     return argv
@@ -179,8 +183,8 @@ def add_commands(sub) -> None:
     p.add_argument("--measure-seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random control (default: %(default)s)")
     p.add_argument("--damping", type=float, default=1e-8, help="K-FAC / EK-FAC damping (default: %(default)s)")
-    p.add_argument("--trak-damping", type=float, default=0.1,
-                   help="TRAK / D-TRAK damping relative to the mean eigenvalue (default: %(default)s)")
+    p.add_argument("--trak-damping", type=float, default=None,
+                   help=f"TRAK / D-TRAK damping relative to the mean eigenvalue (default: each one's own, {TRAK_DAMPING_HELP})")
     p.add_argument("--workers", type=int, default=1, help="parallel training processes (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     import argparse

@@ -56,7 +56,7 @@ class RegenJob:
     measure_seed: int = 0
     random_seed: int = 0  # of the random control
     damping: float = 1e-8  # K-FAC / EK-FAC (paper's lambda)
-    trak_relative_damping: float = 0.1  # TRAK / D-TRAK: x mean eigenvalue (baselines' default)
+    trak_relative_damping: Optional[float] = None  # TRAK / D-TRAK: x mean eigenvalue; None: each one's default
 
     def __post_init__(self):
         from attribution.measurements import parse_measurement
@@ -77,7 +77,7 @@ class RegenJob:
             raise UserError(f"steps must be positive, got {self.steps}")
         if self.num_draws < 1:
             raise UserError(f"the number of MC draws must be positive, got {self.num_draws}")
-        if not self.damping >= 0 or not self.trak_relative_damping > 0:
+        if not self.damping >= 0 or not (self.trak_relative_damping is None or self.trak_relative_damping > 0):
             raise UserError("damping must be >= 0 and the TRAK relative damping > 0")
 
     @classmethod

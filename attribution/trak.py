@@ -45,7 +45,10 @@ so differences between TRAK and K-FAC influence are due to the curvature alone.
 Default damping: TRAK/D-TRAK have no robust default (the paper tunes lambda per benchmark and
 they fail when it is too small). With ``damping=None`` we use ``lambda = relative_damping *
 mean non-zero eigenvalue of Phi^T Phi / N`` (= ``trace / min(N, k)``), which adapts to the
-gradient scale of each variant and model; ``DEFAULT_RELATIVE_DAMPING = 0.1`` was not LDS-tuned.
+gradient scale of each variant and model. ``DEFAULT_RELATIVE_DAMPING`` holds each variant's
+``relative_damping``, chosen by LDS at the default draws on both shipped runs
+(bench/results/trak_damping_*.md): TRAK 1 (best mean LDS over the two runs, and seed-to-seed
+Spearman 0.90 -> 0.94-0.97 against 0.1), D-TRAK 0.1.
 
 Draw keys (:func:`attribution.measurements.example_generator`): training example n draws from key
 n; query i of a query set from key ``QUERY_INDEX_OFFSET + i`` (its GLOBAL index in the set, as
@@ -93,7 +96,7 @@ TRAK_VARIANTS = ("trak", "dtrak")
 # (bench/results/stability_demo.md). SJLT costs O(P) per row at any k; scoring O(N^2 k).
 DEFAULT_PROJ_DIM = 32768
 DEFAULT_NUM_TIMESTEPS = 32  # D-TRAK's K (the paper: 10 or 100); K must divide the rounds of draws
-DEFAULT_RELATIVE_DAMPING = 0.1
+DEFAULT_RELATIVE_DAMPING = {"trak": 1.0, "dtrak": 0.1}  # per variant: bench/bench_trak_damping.py
 DEFAULT_NUM_DRAWS = DEFAULT_TRAIN_DRAWS  # legacy name: the training draws per example
 QUERY_INDEX_OFFSET = 1_000_000_000  # = attribution.influence.QUERY_OFFSET: TRAK's queries draw as K-FAC's
 
@@ -229,7 +232,7 @@ class GramEigen:
     eigenvectors: Tensor  # [N, r] or [k, r]
     num_train: int
 
-    def default_damping(self, relative: float = DEFAULT_RELATIVE_DAMPING) -> float:
+    def default_damping(self, relative: float) -> float:
         """relative * mean non-zero eigenvalue of Phi^T Phi / N (= trace / (N min(N, k)))."""
         return relative * float(self.eigenvalues.sum()) / self.num_train / self.eigenvalues.numel()
 
@@ -321,7 +324,7 @@ def trak_attribution(
     variant: str = "trak",
     proj_dim: int = DEFAULT_PROJ_DIM,
     damping: Optional[float] = None,
-    relative_damping: float = DEFAULT_RELATIVE_DAMPING,
+    relative_damping: Optional[float] = None,
     train_draws: int = DEFAULT_TRAIN_DRAWS,
     query_draws: int = DEFAULT_QUERY_DRAWS,
     num_timesteps: int = DEFAULT_NUM_TIMESTEPS,
@@ -368,6 +371,8 @@ def trak_attribution(
         progress(0, 1, "scores")
     feats = tf.features
     eig = _load_or_build_eigen(tf.directory / "gram_eigen.safetensors", feats)
+    if damping is None and relative_damping is None:
+        relative_damping = DEFAULT_RELATIVE_DAMPING[variant]
     lam = eig.default_damping(relative_damping) if damping is None else float(damping)
     scores = scores_from_features((qa + qb) / 2, feats, lam, eig).float()
     res = TrakResult(scores, lam, trak_code_damping(lam, feats.shape[0]), settings, tf.directory,
@@ -390,8 +395,8 @@ def trak_scores(run: Run, query_images: Tensor, *, variant: str = "trak", proj_d
     """TRAK (``variant="trak"``) or D-TRAK (``"dtrak"``) scores ``[Q, N]`` float32.
 
     query_images ``[Q, C, H, W]`` in [-1, 1]. ``damping``: lambda in the paper's mean-loss
-    normalisation (TRAK code's value / N); None: ``relative_damping`` x mean non-zero eigenvalue
-    of the projected GGN. Other keywords as :func:`trak_attribution` (``train_draws``,
+    normalisation (TRAK code's value / N); None: ``relative_damping`` (default: the variant's
+    ``DEFAULT_RELATIVE_DAMPING``) x mean non-zero eigenvalue of the projected GGN. Other keywords as :func:`trak_attribution` (``train_draws``,
     ``query_draws``, ``num_timesteps``, ``seed``, ``query_indices``, ...).
     ``progress(done, total, stage)``.
     """

@@ -174,7 +174,7 @@ def default_pipelines(a, methods: list[str], data: dict, out: Path) -> None:
     earlier calls of the same variant, e.g. D-TRAK's preview rounds) plus its own projection and
     scoring; the slower seed is reported.
     """
-    from attribution.trak import TrakSettings
+    from attribution.trak import DEFAULT_RELATIVE_DAMPING, TrakSettings
 
     run = open_run(a.run)
     Q = run.load_samples("queries")[0]["images"].shape[0]
@@ -221,7 +221,8 @@ def default_pipelines(a, methods: list[str], data: dict, out: Path) -> None:
             emit(variant, pair, {"key": f"k{d or base.proj_dim}-r{rounds or 'all'}",
                                  "scheme": "fixed-timesteps" if variant == "dtrak" else base.draw_scheme,
                                  "train_draws": info["train_draws_done"], "query_draws": base.query_draws,
-                                 "proj_dim": d or base.proj_dim, "damping": [i["damping"] for _, i in pair]},
+                                 "proj_dim": d or base.proj_dim, "damping": [i["damping"] for _, i in pair],
+                                 "relative_damping": DEFAULT_RELATIVE_DAMPING[variant]},
                  built, after)
 
 
@@ -286,13 +287,13 @@ def write_markdown(out: Path, data: dict) -> None:
                   "query gradients, which it shares; 'after K-FAC' = TRAK's own projection + scoring. "
                   "'trak-jl-only': one seed's draws under two projection seeds (100, 101), the projection's noise "
                   "alone; its seconds are one projection + Gram eigendecomposition.", "",
-                  f"| run | method | draws scheme | train draws | query draws | proj dim | Spearman | top-{top} "
-                  f"proponents | top-{top} opponents | predicted Spearman | s fresh | s after K-FAC |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"| run | method | draws scheme | train draws | query draws | proj dim | relative damping | Spearman "
+                  f"| top-{top} proponents | top-{top} opponents | predicted Spearman | s fresh | s after K-FAC |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in defaults:
             pred = r.get("predicted_stability")
             lines.append(f"| {r['run']} | {r['method']} | {r.get('scheme')} | {r['train_draws']} | {r['query_draws']} | "
-                         f"{r.get('proj_dim') or '-'} | {r['spearman']:.3f} | {r['top_pos']:.1f} | {r['top_neg']:.1f} | "
+                         f"{r.get('proj_dim') or '-'} | {r.get('relative_damping', '-')} | {r['spearman']:.3f} | {r['top_pos']:.1f} | {r['top_neg']:.1f} | "
                          f"{'-' if pred is None else f'{pred:.3f}'} | {r['seconds_fresh']:.0f} | "
                          f"{'-' if r.get('seconds_after_kfac') is None else r['seconds_after_kfac']} |")
         lines.append("")

@@ -80,7 +80,7 @@ def trak_default(run, variant: str, seed: int, query_idx: list[int], proj_dim=No
     """TRAK / D-TRAK at TrakSettings' defaults (seed changed: draws AND projection; ``proj_dim``
     and ``rounds`` (a preview of the store) optionally changed). TRAK shares K-FAC's store and,
     through ``query_set``, K-FAC's cached query gradients."""
-    from attribution.trak import TrakSettings, trak_attribution
+    from attribution.trak import DEFAULT_RELATIVE_DAMPING, TrakSettings, trak_attribution
 
     kw = {"proj_dim": proj_dim} if proj_dim is not None else {}
     settings = TrakSettings(variant=variant, seed=seed, **kw)
@@ -101,5 +101,6 @@ def trak_default(run, variant: str, seed: int, query_idx: list[int], proj_dim=No
             info["predicted_top_neg"] = sum(r.expected_top_neg for r in res.reliability) / n
         return res.scores, info
 
-    args = {"seed": seed, "queries": query_idx, "rounds": rounds, **settings.__dict__}
+    args = {"seed": seed, "queries": query_idx, "rounds": rounds, **settings.__dict__,
+            "relative_damping": DEFAULT_RELATIVE_DAMPING[variant]}
     return cached(run, variant, args, compute)

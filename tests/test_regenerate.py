@@ -211,7 +211,12 @@ def test_job_kind_runs_in_the_background(regen_run):
 
 
 def test_cli(regen_run, capsys):
+    from attribution import cli_regenerate
     from attribution.cli import main
+    from attribution.trak import DEFAULT_RELATIVE_DAMPING
+
+    # the --trak-damping help spells out the library's defaults (the CLI does not import torch for --help)
+    assert cli_regenerate.TRAK_DAMPING_HELP == ", ".join(f"{v} {r:g}" for v, r in DEFAULT_RELATIVE_DAMPING.items())
 
     rc = main(["regenerate", "--run", str(regen_run.path), "--queries", "0,2", "--k", "4", "--methods", "pixel",
                "--draws", "8", "--json"])

@@ -393,6 +393,9 @@ def test_trak_and_dtrak_scores_end_to_end(run_copy):
                                     num_timesteps=4)
         assert res.scores.shape == (8, 16)
         assert res.damping > 0 and res.damping_trak_code == pytest.approx(16 * res.damping)
+        # each variant's own default relative damping (bench/results/trak_damping_*.md)
+        eig = trak.gram_eigen(trak.train_features(run_copy, res.settings).features)
+        assert res.damping == pytest.approx(eig.default_damping(trak.DEFAULT_RELATIVE_DAMPING[variant]), rel=1e-6)
         top = res.scores.argmax(dim=1)
         assert (top == torch.arange(8)).float().mean() >= min_rate, (variant, top)
     # an explicit damping is used as given; larger damping -> smaller scores
