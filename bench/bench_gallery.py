@@ -12,11 +12,13 @@ so this is also the stability-vs-time curve of the progressive gallery.
     # both seeds in parallel, one core each, then compare:
     for s in 1 2; do OMP_NUM_THREADS=1 python bench/bench_gallery.py --run demo/run --work /tmp/g --only-seed $s & done; wait
     python bench/bench_gallery.py --run demo/run --work /tmp/g --out bench/results/gallery_demo
+    # a third seed (--seeds 1,2,3) adds every pair's agreement at the last round
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
                     torch.save(per_seed[seed], saved)
         if a.only_seed is not None:
             return 0
-        s1, s2 = sorted(per_seed)
+        s1, s2 = sorted(per_seed)[:2]  # the round-by-round table; more seeds: every pair at the last round
         common = min(len(per_seed[s1]), len(per_seed[s2]))  # rounds both seeds reached
         gt = loss_truth(open_run(src))
         for (t1, r1), (t2, r2) in zip(per_seed[s1][:common], per_seed[s2][:common]):
@@ -120,12 +122,13 @@ def main(argv=None) -> int:
                 row["lds"], row["lds_sem"] = res.mean, res.sem
             rows.append(row)
             print(json.dumps(row), flush=True)
+    pairs = final_pairs(per_seed, a.top)
     out = Path(a.out)
     settings = base.to_dict()
     write_json(out.with_suffix(".json"), {"run": a.run, "seeds": a.seeds, "settings": settings,
-                                         "threads": torch.get_num_threads(), "rows": rows})
+                                         "threads": torch.get_num_threads(), "rows": rows, "pairs": pairs})
     lines = [f"# Gallery stability round by round: {a.run} ({a.method}, defaults)", "",
-             f"Two independent seeds ({a.seeds}) on fresh copies of the run (no artifacts), torch threads "
+             f"Independent seeds ({a.seeds}; the table compares the first two) on fresh copies of the run (no artifacts), torch threads "
              f"{torch.get_num_threads()}. Defaults: {base.train_draws} training draws in rounds "
              f"{settings and base.round_draws}, {base.query_draws} query draws, {base.factor_draws} factor draws, "
              f"scheme {base.draw_scheme}, damping {base.damping:g}. Seconds: cumulative CPU time of each seed's process from "
@@ -139,8 +142,27 @@ def main(argv=None) -> int:
                      f"{r['top_pos']:.1f} | {r.get('predicted_top_pos', float('nan')):.1f} | {r['top_neg']:.1f} | "
                      f"{r.get('predicted_top_neg', float('nan')):.1f} | {lds_txt} | {r['seconds_seed1']:.0f} | "
                      f"{r['seconds_seed2']:.0f} |")
+    if len(pairs) > 1:
+        lines += ["", f"Every pair of the {len(per_seed)} seeds after the last round (the expected agreement of two "
+                  "independent runs, estimated from more than one pair):", "",
+                  "| seeds | train draws | Spearman | top-16 prop. | top-16 opp. |", "|---|---|---|---|---|"]
+        for p in pairs:
+            lines.append(f"| {p['seeds']} | {p['train_draws']} | {p['spearman']:.3f} | {p['top_pos']:.2f} | "
+                         f"{p['top_neg']:.2f} |")
+        mean = {k: sum(p[k] for p in pairs) / len(pairs) for k in ("spearman", "top_pos", "top_neg")}
+        lines.append(f"| mean | | {mean['spearman']:.3f} | {mean['top_pos']:.2f} | {mean['top_neg']:.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
+
+
+def final_pairs(per_seed: dict, top: int) -> list[dict]:
+    """Agreement of every pair of seeds at the last round all of them reached."""
+    last = min(len(v) for v in per_seed.values()) - 1
+    out = []
+    for s1, s2 in itertools.combinations(sorted(per_seed), 2):
+        r1, r2 = per_seed[s1][last][1], per_seed[s2][last][1]
+        out.append({"seeds": f"{s1},{s2}", "train_draws": r1.train_draws_done, **agreement(r1.scores, r2.scores, top)})
+    return out
 
 
 if __name__ == "__main__":
