@@ -11,7 +11,7 @@ import numpy as np
 import streamlit as st
 
 from attribution import jobs
-from attribution.app_state import available_runs, images_uint8
+from attribution.app_state import available_runs, images_uint8, run_labels
 from attribution.errors import UserError
 from attribution.runs import Run, open_run
 
@@ -25,6 +25,7 @@ UNAVAILABLE_ERRORS = ("ClipUnavailable",)  # a missing optional component: shown
 def run_picker() -> None:
     """Sidebar selectbox of runs (bound to ``?run=`` in the URL); sets ``session_state.run_path``."""
     runs = [str(p) for p in available_runs()]
+    labels = dict(zip(runs, run_labels([Path(p) for p in runs])))  # unique: the URL holds the label
     with st.sidebar:
         st.markdown("### Run")
         if not runs:
@@ -32,7 +33,7 @@ def run_picker() -> None:
             st.error("No run found: train one on the Model & data page (or with `attribution train` in a terminal).")
             return
         path = st.selectbox("Run directory", runs, key=RUN_KEY, bind="query-params",
-                            format_func=lambda p: Path(p).name if Path(p).name != "run" else f"{Path(p).parent.name}/run",
+                            format_func=lambda p: labels.get(p, str(p)),
                             help="ATTRIBUTION_RUN pins a run; ATTRIBUTION_RUNS is the runs folder")
         st.session_state["run_path"] = path
         st.caption(f"`{path}` · device: **{device_name()}**")

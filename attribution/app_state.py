@@ -49,6 +49,29 @@ def available_runs(root: Optional[Path] = None) -> list[Path]:
     return found
 
 
+def run_labels(paths: list[Path]) -> list[str]:
+    """Unique labels of ``paths`` for the run picker and its ``?run=`` URL value.
+
+    A run is labelled by its folder name (``cifar2``; a folder named ``run`` as ``demo/run``). The
+    URL holds the label, so two runs with the same name (a pinned copy of a shipped run, say) must
+    not share one: the one that is not shipped gets its parent folder added
+    (``cifar2 (/tmp/copy)``), and the shipped runs keep their short labels, which shared links use.
+    """
+    from attribution.runs import shipped_runs
+
+    def short(p: Path) -> str:
+        return p.name if p.name != "run" else f"{p.parent.name}/run"
+
+    shipped = {q.resolve() for q in shipped_runs()}
+    names = [short(Path(p)) for p in paths]
+    labels = [n if names.count(n) == 1 or Path(p).resolve() in shipped else f"{n} ({Path(p).resolve().parent})"
+              for p, n in zip(paths, names)]
+    for i, lab in enumerate(labels):  # still equal (same name, neither shipped, same parent name): the full path
+        if labels.count(lab) > 1:
+            labels[i] = str(Path(paths[i]).resolve())
+    return labels
+
+
 # ----------------------------------------------------------------------------- uploads
 
 

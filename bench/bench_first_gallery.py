@@ -65,6 +65,19 @@ def _timeline(run: Path, t0: float, seconds: float) -> dict:
             "mode": s["worker"]["mode"]}
 
 
+def _stop_jobs(run: Path) -> None:
+    """Cancel the copy's queued and running jobs and wait until they have stopped."""
+    from attribution import jobs
+
+    for s in jobs.active_jobs(run):
+        jobs.cancel(run, s["id"])
+    for s in jobs.active_jobs(run):
+        try:
+            jobs.wait(run, s["id"], timeout=60)
+        except Exception:  # noqa: BLE001 - a job that will not stop must not hide the measurement
+            pass
+
+
 def measure(src: Path, timeout_s: float, shipped_artifacts: bool = True) -> dict:
     from playwright.sync_api import sync_playwright
 
@@ -87,8 +100,11 @@ def measure(src: Path, timeout_s: float, shipped_artifacts: bool = True) -> dict
             browser.close()
         stages = _stages(run, t0 + seconds)
         timeline = _timeline(run, t0, seconds)
+        if not timeline:  # the page computed in another run (e.g. a shipped one of the same name): not this copy
+            raise RuntimeError(f"no influence job of the page in the copy {run}: the page used another run")
     finally:
         stop_app(proc)
+        _stop_jobs(run)  # its background jobs outlive the server: they would load the next measurement
         shutil.rmtree(root, ignore_errors=True)
     preview = next((line.strip() for line in body.splitlines() if "Preview:" in line), "")
     return {"run": str(src.relative_to(ROOT)), "first_gallery_s": round(seconds, 1), "load_average_start": round(load, 2),

@@ -126,3 +126,31 @@ def test_git_ignores_user_made_files_in_the_shipped_runs(path, ignored):
     """Uploads and new sample sets do not dirty the work tree; the shipped results stay tracked."""
     rc = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode
     assert (rc == 0) == ignored, path
+
+
+def test_run_labels_are_unique_and_shipped_runs_keep_their_short_labels(tmp_path):
+    """The run picker's URL value is its label: two runs with one name must not share it (a
+    pinned copy named like a shipped run was silently swapped for the shipped one on rerun)."""
+    from attribution.app_state import run_labels
+    from attribution.runs import shipped_runs
+
+    shipped = shipped_runs()
+    copy_of_cifar2 = tmp_path / "copy" / "cifar2"
+    mine = tmp_path / "runs" / "mine"
+    other_mine = tmp_path / "elsewhere" / "mine"
+    a_run = tmp_path / "pinned" / "run"
+    paths = [copy_of_cifar2, *shipped, mine, other_mine, a_run]
+    labels = run_labels(paths)
+    assert len(set(labels)) == len(labels), labels
+    by_path = dict(zip(paths, labels))
+    for p in shipped:  # shared links name the shipped runs by their short labels
+        assert by_path[p] == (p.name if p.name != "run" else f"{p.parent.name}/run")
+    if any(p.name == "cifar2" for p in shipped):
+        assert by_path[copy_of_cifar2] == f"cifar2 ({copy_of_cifar2.parent.resolve()})"
+    assert by_path[mine] == f"mine ({mine.parent.resolve()})" and by_path[other_mine].startswith("mine (")
+    assert by_path[a_run] == "pinned/run"
+    # no clash: just the name
+    assert run_labels([mine]) == ["mine"]
+    # same name and same parent name in different places: the full paths
+    twins = [tmp_path / "a" / "x" / "r", tmp_path / "b" / "x" / "r"]
+    assert run_labels(twins) == [f"r ({twins[0].parent.resolve()})", f"r ({twins[1].parent.resolve()})"]

@@ -234,8 +234,8 @@ def test_counterfactual_regeneration_panel_from_shipped_results(browser, server,
     j = report["queries"].index(q)
     first = report["job"]["methods"][0]
     l2 = report["methods"][first]["l2"]["per_query"][j]
-    label = report["methods"][first]["label"].replace("-", "\u2011")  # captions keep hyphenated tokens whole
-    _wait_text(page, f"without top\u2011{report['job']['k']} {label} · L2 {l2:.2f}")
+    method_label = report["methods"][first]["label"].replace("-", "\u2011")  # captions keep hyphenated tokens whole
+    _wait_text(page, f"without top\u2011{report['job']['k']} {method_label} · L2 {l2:.2f}")
     _wait_text(page, "all data, retrained · L2")
     _done(page, f"pages_{name}_regeneration" + ("" if shipped else "_built_by_the_test"),
           scroll_to="Counterfactual regeneration: what if")
