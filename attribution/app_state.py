@@ -64,12 +64,9 @@ def run_labels(paths: list[Path]) -> list[str]:
 
     shipped = {q.resolve() for q in shipped_runs()}
     names = [short(Path(p)) for p in paths]
-    labels = [n if names.count(n) == 1 or Path(p).resolve() in shipped else f"{n} ({Path(p).resolve().parent})"
-              for p, n in zip(paths, names)]
-    for i, lab in enumerate(labels):  # still equal (same name, neither shipped, same parent name): the full path
-        if labels.count(lab) > 1:
-            labels[i] = str(Path(paths[i]).resolve())
-    return labels
+    # a clashing label carries the resolved parent folder, so two such labels are equal only for one path
+    return [n if names.count(n) == 1 or Path(p).resolve() in shipped else f"{n} ({Path(p).resolve().parent})"
+            for p, n in zip(paths, names)]
 
 
 # ----------------------------------------------------------------------------- uploads

@@ -371,9 +371,8 @@ def trak_attribution(
         progress(0, 1, "scores")
     feats = tf.features
     eig = _load_or_build_eigen(tf.directory / "gram_eigen.safetensors", feats)
-    if damping is None and relative_damping is None:
-        relative_damping = DEFAULT_RELATIVE_DAMPING[variant]
-    lam = eig.default_damping(relative_damping) if damping is None else float(damping)
+    relative = DEFAULT_RELATIVE_DAMPING[variant] if relative_damping is None else relative_damping
+    lam = eig.default_damping(relative) if damping is None else float(damping)
     scores = scores_from_features((qa + qb) / 2, feats, lam, eig).float()
     res = TrakResult(scores, lam, trak_code_damping(lam, feats.shape[0]), settings, tf.directory,
                      rounds_done=tf.rounds_done, rounds_total=tf.rounds_total)

@@ -151,6 +151,6 @@ def test_run_labels_are_unique_and_shipped_runs_keep_their_short_labels(tmp_path
     assert by_path[a_run] == "pinned/run"
     # no clash: just the name
     assert run_labels([mine]) == ["mine"]
-    # same name and same parent name in different places: the full paths
+    # same name and same parent name in different places: told apart by their parents' full paths
     twins = [tmp_path / "a" / "x" / "r", tmp_path / "b" / "x" / "r"]
     assert run_labels(twins) == [f"r ({twins[0].parent.resolve()})", f"r ({twins[1].parent.resolve()})"]
